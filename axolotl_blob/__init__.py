@@ -1,0 +1,5 @@
+"""axolotl_blob: Bayesian LoRA (BLoB), IVON and calibration evaluation for Axolotl."""
+
+from axolotl_blob.plugin import BlobPlugin
+
+__all__ = ["BlobPlugin"]

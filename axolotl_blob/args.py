@@ -1,0 +1,97 @@
+"""The plugin's YAML blocks as strict pydantic models.
+
+Axolotl drops unknown top-level keys silently, so every block here rejects unknown keys itself and names the
+closest valid one. Cross-key checks run at config validation, before any weights load.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from axolotl_blob.blob.model import missing_posterior_files
+
+
+def reject_unknown_keys(block: str, model: type[BaseModel], data: Any) -> Any:
+    """Raise a ValueError naming each unknown `block.key`, its closest valid key and the allowed keys."""
+    if not isinstance(data, dict):
+        return data
+    allowed = list(model.model_fields)
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean '{block}.{close[0]}'?" if close else ""
+            raise ValueError(f"unknown key '{block}.{key}'.{hint} Allowed keys: {', '.join(allowed)}")
+    return data
+
+
+class BlobSettings(BaseModel):
+    """The `blob:` block: BLoB's prior, posterior initialisation, KL schedule and sample counts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prior_std: float = Field(0.2, gt=0, description="β, std of the N(0, β²) prior on A")
+    init_std: float = Field(0.05, gt=0, description="ε: G starts uniform in [ε/√2, ε], σ = G²")
+    kl_weighting: Literal["reweight", "uniform"] = Field(
+        "reweight", description="reweight: π_t = 2^j/(2^(K+1)−1) within cycles of K steps; uniform: π_t = 1/K"
+    )
+    kl_lr: float = Field(0.01, ge=0, description="step size of the separate SGD step on π_t·KL (follows the LR schedule)")
+    kl_cycle_steps: int | None = Field(
+        None, ge=1, description="cycle length K in optimizer steps; default: optimizer steps per epoch"
+    )
+    train_samples: int = Field(1, ge=1, description="posterior samples per training forward (NLL averaged)")
+    eval_samples: int = Field(10, ge=0, description="posterior samples averaged at evaluation; 0 = posterior mean")
+    init_missing_posterior: bool = Field(
+        False,
+        description="with lora_model_dir holding a plain LoRA adapter: start σ fresh instead of failing",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        return reject_unknown_keys("blob", cls, data)
+
+
+class BlobPluginArgs(BaseModel):
+    """Top-level keys the plugin adds to Axolotl's config."""
+
+    blob: BlobSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_blob_combinations(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        adapter = data.get("adapter")
+        if data.get("blob") is not None and adapter != "blob":
+            raise ValueError(f"a 'blob:' block is set but adapter is {adapter!r}; set 'adapter: blob' or remove 'blob:'")
+        if adapter != "blob":
+            return data
+        for key, why in (
+            ("rl", "BLoB trains supervised (SFT / pretraining) objectives; remove 'rl'"),
+            ("peft_use_dora", "BLoB's posterior is over LoRA's A factor and has no DoRA form; remove 'peft_use_dora'"),
+            ("reward_model", "BLoB trains causal-LM objectives; remove 'reward_model'"),
+            ("lora_target_parameters", "BLoB wraps linear modules; use lora_target_modules instead"),
+            *(
+                (kernel, "Axolotl's fused LoRA kernels bypass the BLoB layer's forward; remove it")
+                for kernel in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+            ),
+        ):
+            if data.get(key):
+                raise ValueError(f"adapter: blob cannot be combined with '{key}': {why}")
+        settings = data.get("blob") or {}
+        model_dir = data.get("lora_model_dir")
+        if model_dir and not (isinstance(settings, dict) and settings.get("init_missing_posterior")):
+            if not Path(model_dir).is_dir():
+                raise ValueError(f"lora_model_dir '{model_dir}' is not a local directory")
+            missing = missing_posterior_files(model_dir)
+            if missing:
+                raise ValueError(
+                    f"lora_model_dir '{model_dir}' has no BLoB posterior ({', '.join(missing)} missing). "
+                    "Point it at a directory saved by an 'adapter: blob' run, or set "
+                    "'blob.init_missing_posterior: true' to start σ fresh from a plain LoRA adapter."
+                )
+        return data

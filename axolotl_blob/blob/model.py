@@ -1,0 +1,158 @@
+"""Turning a PEFT LoRA model into a BLoB model, and the model-wide operations on its posterior.
+
+Everything here works on any ``nn.Module`` that contains PEFT LoRA layers (a ``PeftModel``, or one wrapped by
+DDP); nothing here knows about Axolotl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from axolotl_blob.blob.kl import gaussian_kl, gaussian_kl_grads
+from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, posterior_std
+
+POSTERIOR_FILE = "blob_posterior.safetensors"
+POSTERIOR_CONFIG_FILE = "blob_config.json"
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """What a saved posterior needs to be read back: the parameterisation and the prior it was trained with."""
+
+    prior_std: float
+    init_std: float
+    sigma: str = "G**2"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def blob_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
+    """(module name, layer, adapter name) for every adapter that carries a BLoB posterior."""
+    for name, module in _unwrap(model).named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, POSTERIOR_PARAM):
+            for adapter in module.blob_G:
+                yield name, module, adapter
+
+
+def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default") -> int:
+    """Give every LoRA linear layer of `adapter_name` a BLoB posterior over A; returns how many."""
+    count = 0
+    for module in _unwrap(model).modules():
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
+            if module.use_dora.get(adapter_name, False):
+                raise ValueError("adapter: blob cannot be combined with DoRA (peft_use_dora)")
+            if adapter_name in module.lora_variant:
+                raise ValueError(f"LoRA layer already uses variant {type(module.lora_variant[adapter_name]).__name__}")
+            BlobVariant.init(module, adapter_name, init_std=init_std)
+            module.blob_G[adapter_name].requires_grad_(module.lora_A[adapter_name].weight.requires_grad)
+            count += 1
+    if count == 0:
+        raise ValueError("adapter: blob found no LoRA linear layers; check lora_target_modules / lora_target_linear")
+    return count
+
+
+def kl_divergence(model: nn.Module, prior_std: float) -> torch.Tensor:
+    """KL(q‖p) summed over every posterior entry of every layer (fp32 scalar)."""
+    terms = [
+        gaussian_kl(layer.lora_A[adapter].weight, posterior_std(layer.blob_G[adapter]), prior_std)
+        for _, layer, adapter in blob_layers(model)
+    ]
+    return torch.stack(terms).sum()
+
+
+@torch.no_grad()
+def kl_sgd_step(model: nn.Module, prior_std: float, step_size: float) -> None:
+    """One plain SGD step on `step_size` · KL for M and G, with the closed-form gradients (σ = G²: ∂σ/∂G = 2G)."""
+    for _, layer, adapter in blob_layers(model):
+        mean, g = layer.lora_A[adapter].weight, layer.blob_G[adapter]
+        grad_mean, grad_std = gaussian_kl_grads(mean, posterior_std(g), prior_std)
+        mean.sub_((step_size * grad_mean).to(mean.dtype))
+        g.sub_((step_size * grad_std * 2.0 * g.float()).to(g.dtype))
+
+
+@torch.no_grad()
+def posterior_summary(model: nn.Module) -> dict[str, float]:
+    """Mean σ over all posterior entries: a cheap signal of how much uncertainty the adapter learnt."""
+    total, count = 0.0, 0
+    for _, layer, adapter in blob_layers(model):
+        std = posterior_std(layer.blob_G[adapter].float())
+        total += std.sum().item()
+        count += std.numel()
+    return {"sigma_mean": total / max(count, 1)}
+
+
+@contextlib.contextmanager
+def posterior_sampling(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Force sampling on (draws from q) or off (the posterior mean, N = 0) regardless of train/eval mode."""
+    layers = {id(layer): layer for _, layer, _ in blob_layers(model)}.values()
+    previous = [getattr(layer, "blob_sampling", None) for layer in layers]
+    for layer in layers:
+        layer.blob_sampling = enabled
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            layer.blob_sampling = value
+
+
+def _posterior_key(name: str, adapter: str) -> str:
+    """Key independent of wrappers and adapter name: the module path below the base model."""
+    name = name.removeprefix("base_model.model.")
+    return f"{name}.{POSTERIOR_PARAM}" if adapter == "default" else f"{name}.{POSTERIOR_PARAM}.{adapter}"
+
+
+def posterior_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        _posterior_key(name, adapter): layer.blob_G[adapter].detach().cpu().contiguous()
+        for name, layer, adapter in blob_layers(model)
+    }
+
+
+def save_posterior(model: nn.Module, directory: str | Path, spec: PosteriorSpec) -> None:
+    """Write the σ factors and their parameterisation beside the PEFT adapter in `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(posterior_state_dict(model), directory / POSTERIOR_FILE)
+    (directory / POSTERIOR_CONFIG_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+
+
+def read_posterior_spec(directory: str | Path) -> PosteriorSpec:
+    return PosteriorSpec(**json.loads((Path(directory) / POSTERIOR_CONFIG_FILE).read_text()))
+
+
+def missing_posterior_files(directory: str | Path) -> list[str]:
+    return [f for f in (POSTERIOR_FILE, POSTERIOR_CONFIG_FILE) if not (Path(directory) / f).is_file()]
+
+
+@torch.no_grad()
+def load_posterior(model: nn.Module, directory: str | Path) -> None:
+    """Copy saved σ factors into the model; every posterior must be matched exactly, in both directions."""
+    missing = missing_posterior_files(directory)
+    if missing:
+        raise FileNotFoundError(f"{directory} has no BLoB posterior ({', '.join(missing)} missing)")
+    spec = read_posterior_spec(directory)
+    if spec.sigma != "G**2":
+        raise ValueError(f"{directory}: unsupported sigma parameterisation {spec.sigma!r}")
+    saved = load_file(str(Path(directory) / POSTERIOR_FILE))
+    expected = {_posterior_key(name, adapter): layer.blob_G[adapter] for name, layer, adapter in blob_layers(model)}
+    if saved.keys() != expected.keys():
+        absent, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+        raise ValueError(
+            f"{directory}/{POSTERIOR_FILE} does not match the model's BLoB layers: "
+            f"missing {absent[:3]}{'…' if len(absent) > 3 else ''}, unexpected {extra[:3]}"
+        )
+    for key, param in expected.items():
+        if saved[key].shape != param.shape:
+            raise ValueError(f"{key}: saved shape {tuple(saved[key].shape)} != model shape {tuple(param.shape)}")
+        param.copy_(saved[key])

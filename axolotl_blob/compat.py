@@ -1,0 +1,68 @@
+"""Narrow patches to Axolotl's ModelLoader, each closing a gap that plugin hooks cannot reach.
+
+1. Axolotl switches on k-bit quantisation (`load_in_8bit` / `load_in_4bit`), k-bit training preparation and
+   gradient checkpointing only for adapter names `lora` / `qlora`. For `adapter: blob` the loader steps that do
+   this run with the adapter name read as `lora` (`qlora` when loading in 4 bit), so BLoB gets exactly the
+   LoRA treatment. Axolotl's fused LoRA kernels are *not* aliased: they bypass the layer forward.
+2. Axolotl 0.19 maps every rank of a multi-process run to device index LOCAL_RANK, which on a CPU-only
+   machine is no device at all; with no CUDA the model is loaded on the CPU instead.
+Both patches are installed once per process and act only when their condition holds at call time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+ALIASED_LOADER_STEPS = ("_set_quantization_config", "_prepare_model_for_quantization", "_configure_embedding_dtypes")
+
+
+@contextlib.contextmanager
+def adapter_read_as_lora(cfg) -> Iterator[None]:
+    """Let Axolotl's LoRA-only branches see `lora`/`qlora` while a BLoB model is being loaded."""
+    if cfg.adapter != "blob":
+        yield
+        return
+    cfg.adapter = "qlora" if cfg.load_in_4bit else "lora"
+    try:
+        yield
+    finally:
+        cfg.adapter = "blob"
+
+
+def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "_axolotl_blob_patched", False):
+        return
+    patched = functools.wraps(original)(make(original))
+    patched._axolotl_blob_patched = True
+    setattr(owner, name, patched)
+
+
+def patch_model_loader() -> None:
+    from axolotl.loaders.model import ModelLoader
+
+    for step in ALIASED_LOADER_STEPS:
+
+        def aliased(original):
+            def run(self, *args, **kwargs):
+                with adapter_read_as_lora(self.cfg):
+                    return original(self, *args, **kwargs)
+
+            return run
+
+        _wrap_once(ModelLoader, step, aliased)
+
+    def cpu_device_map(original):
+        def run(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                self.model_kwargs["device_map"] = "cpu"
+
+        return run
+
+    _wrap_once(ModelLoader, "_set_device_map_config", cpu_device_map)

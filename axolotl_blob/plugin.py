@@ -1,0 +1,72 @@
+"""BlobPlugin: Axolotl's hooks, each a few lines that hand over to the modules that hold the science.
+
+Every hook does nothing unless a feature of this plugin is selected, so the plugin is safe to auto-load.
+Order in a training run: register → (config validation: args.py) → load_adapter → get_trainer_cls → post_train.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+from axolotl.loaders.adapter import load_lora
+from axolotl.utils.dict import DictDefault
+from axolotl.utils.logging import get_logger
+
+from axolotl_blob.args import BlobSettings
+from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, save_posterior
+from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
+from axolotl_blob.compat import patch_model_loader
+
+LOG = get_logger(__name__)
+
+
+def blob_settings(cfg: DictDefault) -> BlobSettings:
+    return BlobSettings(**dict(cfg.blob or {}))
+
+
+class BlobPlugin(BasePlugin):
+    """`adapter: blob` — Bayesian LoRA by backpropagation (BLoB)."""
+
+    def get_input_args(self) -> str:
+        return "axolotl_blob.args.BlobPluginArgs"
+
+    def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        return [AdapterCapabilities(name="blob", lora_like=True)]
+
+    def register(self, cfg: dict):
+        if cfg.get("adapter") == "blob":
+            patch_model_loader()
+
+    def load_adapter(self, model, cfg: DictDefault, inference: bool = False, config_only: bool = False):
+        """Build the PEFT LoRA model exactly as `adapter: lora` would, then put a posterior on every A."""
+        if cfg.adapter != "blob":
+            return None
+        model, lora_config = load_lora(model, cfg, inference=inference, config_only=config_only)
+        if config_only:
+            return None, lora_config
+        settings = blob_settings(cfg)
+        count = bayesianize(model, settings.init_std)
+        if cfg.lora_model_dir and not missing_posterior_files(cfg.lora_model_dir):
+            load_posterior(model, cfg.lora_model_dir)
+            LOG.info(f"BLoB: restored the posterior of {count} layers from {cfg.lora_model_dir}")
+        else:
+            LOG.info(f"BLoB: Gaussian posterior over A in {count} LoRA layers")
+        # Axolotl ≥ 0.20 re-draws lora_A after loading when the returned config says init_lora_weights=True.
+        lora_config = copy.copy(lora_config)
+        lora_config.init_lora_weights = False
+        return model, lora_config
+
+    def get_trainer_cls(self, cfg: DictDefault):
+        if cfg.adapter != "blob":
+            return None
+        from axolotl.core.trainers.base import AxolotlTrainer
+        from axolotl.utils.import_helper import get_cls_from_module_str
+
+        base = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
+        return blob_trainer_cls(base, blob_settings(cfg))
+
+    def post_train(self, cfg: DictDefault, model):
+        """Axolotl saves the final adapter with `model.save_pretrained`; the posterior goes beside it."""
+        if cfg.adapter == "blob" and cfg.local_rank in (0, None):
+            save_posterior(model, cfg.output_dir, posterior_spec(blob_settings(cfg)))

@@ -1,0 +1,86 @@
+"""Posterior sampling as one interface, and Bayesian model averaging over it.
+
+A sampler turns a model into a sequence of N predictive functions (N posterior draws, or one pass at the mean
+for N = 0 or a deterministic model). Averaging happens over *probabilities*, never logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from axolotl_blob.blob.model import blob_layers, posterior_sampling
+
+
+class PosteriorSampler(Protocol):
+    def draws(self, n_samples: int) -> Iterator[None]:
+        """Yield once per posterior draw with the model set to that draw (once at the mean when n = 0)."""
+
+
+class DeterministicSampler:
+    """A point-estimate model (plain LoRA): one pass, whatever N is asked for."""
+
+    def draws(self, n_samples: int) -> Iterator[None]:
+        yield
+
+
+class BlobSampler:
+    """BLoB layers: each draw is a fresh Flipout sample of A; N = 0 is the posterior mean."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def draws(self, n_samples: int) -> Iterator[None]:
+        with posterior_sampling(self.model, enabled=n_samples > 0):
+            for _ in range(max(n_samples, 1)):
+                yield
+
+
+def sampler_for(model: nn.Module) -> PosteriorSampler:
+    return BlobSampler(model) if next(blob_layers(model), None) else DeterministicSampler()
+
+
+def log_mean_exp(log_probs_per_draw: Iterable[torch.Tensor]) -> torch.Tensor:
+    """log((1/N) Σ_n exp(x_n)), streamed so memory does not grow with N."""
+    total, count = None, 0
+    for log_probs in log_probs_per_draw:
+        total = log_probs if total is None else torch.logaddexp(total, log_probs)
+        count += 1
+    return total - math.log(count)
+
+
+@torch.no_grad()
+def bma_log_probs(model: nn.Module, model_inputs: dict, sampler: PosteriorSampler, n_samples: int) -> torch.Tensor:
+    """log of the averaged predictive distribution over the vocabulary, (batch, seq, vocab)."""
+    return log_mean_exp(
+        torch.log_softmax(model(**model_inputs).logits.float(), dim=-1) for _ in sampler.draws(n_samples)
+    )
+
+
+def next_token_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over supervised positions of a causal LM, given log-probabilities aligned with the inputs."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    picked = log_probs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def bma_token_nll(
+    model: nn.Module, model_inputs: dict, labels: torch.Tensor, sampler: PosteriorSampler, n_samples: int
+) -> torch.Tensor:
+    """NLL of the averaged probabilities −log((1/N) Σ_n p_n(label)), gathering only the label entries."""
+    targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)
+
+    def label_log_probs() -> Iterator[torch.Tensor]:
+        for _ in sampler.draws(n_samples):
+            logits = model(**model_inputs).logits[:, :-1].float()
+            yield (logits.gather(-1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(-1)
+
+    picked = log_mean_exp(label_log_probs())
+    mask = labels[:, 1:] != -100
+    return -(picked * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,207 @@
+"""The BLoB layer against plain PEFT LoRA, the Flipout statistics, gradients, the KL step, save/load."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from axolotl_blob.blob.kl import gaussian_kl
+from axolotl_blob.blob.layer import posterior_std
+from axolotl_blob.blob.model import (
+    PosteriorSpec,
+    bayesianize,
+    blob_layers,
+    kl_divergence,
+    kl_sgd_step,
+    load_posterior,
+    posterior_sampling,
+    save_posterior,
+)
+
+D_IN, D_OUT, RANK, ALPHA = 12, 6, 4, 8
+
+
+class TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(D_IN, D_OUT)
+        self.v_proj = nn.Linear(D_IN, D_OUT)
+
+    def forward(self, x):
+        return self.q_proj(x) + self.v_proj(x)
+
+
+def base_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return TwoLinear()
+
+
+def lora_model(seed: int = 0) -> nn.Module:
+    model = get_peft_model(base_model(seed), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():  # non-zero B so the adapter path matters
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.5)
+    return model
+
+
+def blob_model(seed: int = 0, init_std: float = 0.3) -> nn.Module:
+    model = lora_model(seed)
+    bayesianize(model, init_std=init_std)
+    return model
+
+
+def test_posterior_mean_equals_plain_lora_exactly():
+    plain, blob = lora_model(), blob_model()
+    x = torch.randn(3, 5, D_IN)
+    plain.eval(), blob.eval()
+    torch.testing.assert_close(blob(x), plain(x), rtol=0, atol=0)
+    blob.train()
+    with posterior_sampling(blob, enabled=False):
+        torch.testing.assert_close(blob(x), plain(x), rtol=0, atol=0)
+
+
+def test_sampling_follows_train_mode_unless_forced():
+    model = blob_model()
+    x = torch.randn(2, D_IN)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    with posterior_sampling(model, enabled=True):
+        assert not torch.equal(model(x), model(x))
+    assert torch.equal(model(x), model(x))
+
+
+def test_initial_sigma_range():
+    model = blob_model(init_std=0.05)
+    for _, layer, adapter in blob_layers(model):
+        sigma = posterior_std(layer.blob_G[adapter])
+        assert sigma.min() >= 0.05**2 / 2 - 1e-9 and sigma.max() <= 0.05**2 + 1e-9
+        assert sigma.shape == layer.lora_A[adapter].weight.shape
+
+
+def test_flipout_mean_and_variance_match_the_analytic_ones():
+    """One token, many draws: mean → N = 0 output; variance → s² Σ_k B_ik² Σ_j σ_kj² x_j² (per linear).
+
+    Rows of one call share the Gaussian draw E and differ by their signs, so draws are pooled over many calls.
+    """
+    model = blob_model(init_std=0.4)
+    layer = model.base_model.model.q_proj
+    x = torch.randn(1, D_IN)
+    layer.eval()
+    mean_output = layer(x)
+    calls, rows = 5_000, 8
+    draws = calls * rows
+    with posterior_sampling(model, enabled=True), torch.no_grad():
+        samples = torch.cat([layer(x.expand(rows, D_IN)) for _ in range(calls)])
+    sigma = posterior_std(layer.blob_G["default"])
+    weight_b, scale = layer.lora_B["default"].weight, layer.scaling["default"]
+    per_rank_variance = (sigma**2 * x**2).sum(dim=1)
+    analytic_variance = scale**2 * (weight_b**2 * per_rank_variance).sum(dim=1)
+    empirical_mean, empirical_variance = samples.mean(0), samples.var(0)
+    standard_error = (analytic_variance / draws).sqrt()
+    assert torch.all((empirical_mean - mean_output[0]).abs() < 5 * standard_error)
+    torch.testing.assert_close(empirical_variance, analytic_variance.detach(), rtol=0.05, atol=0)
+
+
+def test_identical_tokens_get_different_perturbations():
+    model = blob_model()
+    token = torch.randn(D_IN)
+    batch = token.expand(2, 3, D_IN).clone()
+    model.train()
+    out = model(batch)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    assert not torch.allclose(out[0, 0], out[1, 0])
+
+
+def test_gradients_reach_mean_b_and_g():
+    model = blob_model()
+    model.train()
+    model(torch.randn(4, D_IN)).square().sum().backward()
+    for _, layer, adapter in blob_layers(model):
+        for param in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.blob_G[adapter]):
+            assert param.grad is not None and param.grad.abs().sum() > 0
+
+
+def test_model_kl_is_the_sum_of_layer_kls():
+    model = blob_model()
+    expected = sum(
+        gaussian_kl(layer.lora_A[a].weight, posterior_std(layer.blob_G[a]), 0.2) for _, layer, a in blob_layers(model)
+    )
+    torch.testing.assert_close(kl_divergence(model, 0.2), expected)
+
+
+def test_closed_form_kl_step_equals_sgd_on_autograd_kl():
+    closed, reference = blob_model(), blob_model()
+    step_size = 0.01
+    kl_sgd_step(closed, prior_std=0.2, step_size=step_size)
+    params = [p for n, p in reference.named_parameters() if "lora_A" in n or "blob_G" in n]
+    optimizer = torch.optim.SGD(params, lr=step_size)
+    kl_divergence(reference, 0.2).backward()
+    optimizer.step()
+    for (name, a), (_, b) in zip(closed.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_save_and_load_round_trip_restores_identical_samples(tmp_path):
+    model = blob_model(seed=3)
+    with torch.no_grad():
+        for _, layer, adapter in blob_layers(model):
+            layer.blob_G[adapter].mul_(1.7)  # something init would not reproduce
+    model.save_pretrained(tmp_path)
+    save_posterior(model, tmp_path, PosteriorSpec(prior_std=0.2, init_std=0.3))
+
+    restored = PeftModel.from_pretrained(base_model(seed=3), tmp_path, is_trainable=True)
+    bayesianize(restored, init_std=0.3)
+    load_posterior(restored, tmp_path)
+    x = torch.randn(5, D_IN)
+    model.train(), restored.train()
+    torch.manual_seed(11)
+    expected = model(x)
+    torch.manual_seed(11)
+    torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+
+
+def test_plain_peft_loads_the_adapter_as_the_posterior_mean(tmp_path):
+    model = blob_model(seed=4)
+    model.save_pretrained(tmp_path)
+    save_posterior(model, tmp_path, PosteriorSpec(prior_std=0.2, init_std=0.3))
+    plain = PeftModel.from_pretrained(base_model(seed=4), tmp_path)
+    x = torch.randn(3, D_IN)
+    model.eval()
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    assert not any("blob" in name for name, _ in plain.named_parameters())
+
+
+def test_loading_a_mismatched_posterior_fails_clearly(tmp_path):
+    model = blob_model()
+    save_posterior(model, tmp_path, PosteriorSpec(prior_std=0.2, init_std=0.3))
+    other = get_peft_model(TwoLinear(), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"]))
+    bayesianize(other, init_std=0.3)
+    with pytest.raises(ValueError, match="does not match the model's BLoB layers"):
+        load_posterior(other, tmp_path)
+    with pytest.raises(FileNotFoundError, match="blob_posterior.safetensors"):
+        load_posterior(other, tmp_path / "nowhere")
+
+
+def test_bayesianize_without_lora_layers_fails():
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        bayesianize(TwoLinear(), init_std=0.05)
+
+
+def test_merging_folds_in_the_posterior_mean():
+    model = blob_model(seed=5)
+    x = torch.randn(3, D_IN)
+    model.eval()
+    expected = model(x)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = blob_model()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, D_IN))
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if p.requires_grad)
