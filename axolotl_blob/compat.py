@@ -4,8 +4,10 @@
    gradient checkpointing only for adapter names `lora` / `qlora`. For `adapter: blob` the loader steps that do
    this run with the adapter name read as `lora` (`qlora` when loading in 4 bit), so BLoB gets exactly the
    LoRA treatment. Axolotl's fused LoRA kernels are *not* aliased: they bypass the layer forward.
-2. Axolotl 0.19 maps every rank of a multi-process run to device index LOCAL_RANK, which on a CPU-only
-   machine is no device at all; with no CUDA the model is loaded on the CPU instead.
+2. Multi-process runs on CPU-only machines (torchrun, gloo). Axolotl 0.19 maps every rank to device index
+   LOCAL_RANK, which there is no device at all: the model is loaded on the CPU instead. And unless
+   `ACCELERATE_USE_CPU` is set, the HF Trainer sees no distributed state on CPU and trains every rank on its own,
+   without DDP (the ranks silently drift apart): it is set before the Trainer is built.
 Both patches are installed once per process and act only when their condition holds at call time.
 """
 
@@ -43,6 +45,10 @@ def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> 
     setattr(owner, name, patched)
 
 
+def cpu_multiprocess() -> bool:
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def patch_model_loader() -> None:
     from axolotl.loaders.model import ModelLoader
 
@@ -60,9 +66,11 @@ def patch_model_loader() -> None:
     def cpu_device_map(original):
         def run(self, *args, **kwargs):
             original(self, *args, **kwargs)
-            if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if cpu_multiprocess():
                 self.model_kwargs["device_map"] = "cpu"
 
         return run
 
     _wrap_once(ModelLoader, "_set_device_map_config", cpu_device_map)
+    if cpu_multiprocess():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")

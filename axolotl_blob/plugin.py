@@ -35,8 +35,7 @@ class BlobPlugin(BasePlugin):
         return [AdapterCapabilities(name="blob", lora_like=True)]
 
     def register(self, cfg: dict):
-        if cfg.get("adapter") == "blob":
-            patch_model_loader()
+        patch_model_loader()  # each patch acts only when its condition holds (compat.py)
 
     def load_adapter(self, model, cfg: DictDefault, inference: bool = False, config_only: bool = False):
         """Build the PEFT LoRA model exactly as `adapter: lora` would, then put a posterior on every A."""

@@ -53,7 +53,8 @@ class BlobKLCallback(TrainerCallback):
     ):
         self.last_weight = kl_weight(state.global_step + 1, self.cycle_steps, self.settings.kl_weighting)
         group = optimizer.param_groups[0]
-        schedule_factor = group["lr"] / group.get("initial_lr", args.learning_rate)
+        base_lr = group.get("initial_lr", args.learning_rate)
+        schedule_factor = group["lr"] / base_lr if base_lr > 0 else 0.0
         step_size = self.settings.kl_lr * schedule_factor * self.last_weight
         if step_size > 0:
             kl_sgd_step(model, self.settings.prior_std, step_size)

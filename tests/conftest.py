@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny random Llama with a tokenizer trained here, data files, and an Axolotl runner.
+
+Nothing is downloaded: the tokenizer is trained on the test corpus and the model is randomly initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+WORDS = "red green blue cat dog bird one two three four sun moon star tree river stone".split()
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled"}
+os.environ.update(OFFLINE_ENV)  # before anything imports axolotl: its telemetry reads these at import time
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """Sentences with a learnable rule: each sentence repeats its first word at the end."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(4, 9))
+        lines.append(" ".join(words + [words[0]]) + ".")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(
+        corpus(500) + ["A B C D E F G H Answer: Question:"], trainers.BpeTrainer(vocab_size=200, special_tokens=specials)
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=fast.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def completion_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sentences.jsonl"
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus(240, seed=1)))
+    return path
+
+
+def base_config(model_dir: Path, data: Path, output_dir: Path, **overrides) -> dict:
+    config = {
+        "base_model": str(model_dir),
+        "plugins": ["axolotl_blob.BlobPlugin"],
+        "adapter": "blob",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "datasets": [{"path": str(data), "type": "completion"}],
+        "dataset_prepared_path": str(output_dir / "prepared"),
+        "val_set_size": 0.1,
+        "sequence_len": 64,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 20,
+        "learning_rate": 0.002,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "cosine",
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "eval_steps": 10,
+        "save_steps": 10,
+        "output_dir": str(output_dir),
+        "seed": 42,
+        "save_safetensors": True,
+        "blob": {"eval_samples": 2, "kl_lr": 0.01},
+    }
+    config.update(overrides)
+    return config
+
+
+def run_axolotl(config: dict, workdir: Path, launcher: list[str] | None = None, timeout: int = 600):
+    """Write the config and run `python -m axolotl.cli.train` on it (or under `launcher`, e.g. torchrun)."""
+    config_path = workdir / "config.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = (launcher or [sys.executable, "-m"]) + ["axolotl.cli.train", str(config_path)]
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    (workdir / "axolotl.log").write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, f"axolotl failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    return result

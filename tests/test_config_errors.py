@@ -1,0 +1,63 @@
+"""Bad input is rejected at config validation (before any weights load) with an error naming the key.
+
+Each row here is a row of the README's table of bad inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import base_config
+
+BAD_INPUTS = [
+    ("unknown key", {"blob": {"kl_lrr": 0.01}}, "unknown key 'blob.kl_lrr'. Did you mean 'blob.kl_lr'?"),
+    ("prior std zero", {"blob": {"prior_std": 0}}, r"blob.prior_std\n  Input should be greater than 0"),
+    ("negative init std", {"blob": {"init_std": -0.05}}, r"blob.init_std\n  Input should be greater than 0"),
+    ("negative eval samples", {"blob": {"eval_samples": -1}}, r"blob.eval_samples\n  Input should be greater than or equal to 0"),
+    ("zero train samples", {"blob": {"train_samples": 0}}, r"blob.train_samples\n  Input should be greater than or equal to 1"),
+    ("unknown KL weighting", {"blob": {"kl_weighting": "cyclic"}}, r"blob.kl_weighting\n  Input should be 'reweight' or 'uniform'"),
+    ("blob block without blob adapter", {"adapter": "lora"}, "a 'blob:' block is set but adapter is 'lora'"),
+    ("blob with RL", {"rl": "dpo"}, "adapter: blob cannot be combined with 'rl'"),
+    ("blob with DoRA", {"peft_use_dora": True}, "adapter: blob cannot be combined with 'peft_use_dora'"),
+    ("blob with fused LoRA kernels", {"lora_qkv_kernel": True}, "adapter: blob cannot be combined with 'lora_qkv_kernel'"),
+]
+
+
+def validate(tmp_path, config: dict):
+    from axolotl.cli.config import load_cfg
+
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    return load_cfg(str(path))
+
+
+@pytest.mark.parametrize("case, overrides, message", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_is_rejected_with_a_message_naming_the_key(
+    case, overrides, message, tiny_model_dir, completion_data, tmp_path
+):
+    config = {**base_config(tiny_model_dir, completion_data, tmp_path / "out"), **overrides}
+    with pytest.raises(Exception, match=message):
+        validate(tmp_path, config)
+
+
+def test_lora_model_dir_without_posterior_is_rejected(tiny_model_dir, completion_data, tmp_path):
+    plain_adapter = tmp_path / "plain-lora"
+    plain_adapter.mkdir()
+    (plain_adapter / "adapter_config.json").write_text("{}")
+    config = base_config(tiny_model_dir, completion_data, tmp_path / "out", lora_model_dir=str(plain_adapter))
+    with pytest.raises(Exception, match=r"has no BLoB posterior \(blob_posterior.safetensors, blob_config.json missing\)"):
+        validate(tmp_path, config)
+    config["lora_model_dir"] = str(tmp_path / "nowhere")
+    with pytest.raises(Exception, match="is not a local directory"):
+        validate(tmp_path, config)
+    config["lora_model_dir"] = str(plain_adapter)
+    config["blob"] = {"init_missing_posterior": True}
+    assert validate(tmp_path, config).blob["init_missing_posterior"] is True
+
+
+def test_valid_config_fills_blob_defaults(tiny_model_dir, completion_data, tmp_path):
+    config = base_config(tiny_model_dir, completion_data, tmp_path / "out")
+    del config["blob"]
+    cfg = validate(tmp_path, config)
+    assert cfg.adapter == "blob" and cfg.blob is None  # defaults come from BlobSettings at load time

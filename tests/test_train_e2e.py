@@ -1,0 +1,129 @@
+"""End to end through `python -m axolotl.cli.train` on a tiny random Llama: train, save, resume, reload, 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from axolotl_blob.blob.kl import kl_weight
+from conftest import base_config, run_axolotl
+
+pytestmark = pytest.mark.slow
+CYCLE = 5
+
+
+def blob_config(model_dir, data, out: Path, **overrides) -> dict:
+    config = base_config(model_dir, data, out, **overrides)
+    config["blob"] = {"eval_samples": 2, "kl_lr": 0.01, "kl_cycle_steps": CYCLE, **overrides.get("blob", {})}
+    return config
+
+
+def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(directory / "adapter_model.safetensors"), **load_file(directory / "blob_posterior.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, completion_data, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("blob-run")
+    run_axolotl(blob_config(tiny_model_dir, completion_data, workdir / "out"), workdir)
+    return workdir / "out"
+
+
+def test_training_logs_kl_and_writes_adapter_and_posterior(trained):
+    history = json.loads((trained / "checkpoint-20" / "trainer_state.json").read_text())["log_history"]
+    train_logs = [entry for entry in history if "loss" in entry]
+    assert len(train_logs) == 20
+    for entry in train_logs:
+        assert math.isfinite(entry["loss"]) and math.isfinite(entry["kl"]) and entry["kl"] > 0
+        assert entry["kl_weight"] == pytest.approx(kl_weight(entry["step"], CYCLE, "reweight"))
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [0, 10, 20]
+    for directory in (trained, trained / "checkpoint-10", trained / "checkpoint-20"):
+        assert {"adapter_config.json", "adapter_model.safetensors", "blob_posterior.safetensors", "blob_config.json"} <= {
+            p.name for p in directory.iterdir()
+        }
+    final, last_checkpoint = saved_tensors(trained), saved_tensors(trained / "checkpoint-20")
+    assert final.keys() == last_checkpoint.keys()
+    for key in final:
+        torch.testing.assert_close(final[key], last_checkpoint[key], rtol=0, atol=0)
+    assert json.loads((trained / "blob_config.json").read_text()) == {"prior_std": 0.2, "init_std": 0.05, "sigma": "G**2"}
+
+
+def test_the_kl_step_pulls_sigma_from_its_small_init_towards_the_prior(trained):
+    """σ starts in [ε²/2, ε²] = [0.00125, 0.0025]; −∂KL/∂σ = 1/σ − σ/β² > 0 there, so σ must grow, below β."""
+    history = json.loads((trained / "checkpoint-20" / "trainer_state.json").read_text())["log_history"]
+    sigmas = [entry["sigma_mean"] for entry in history if "sigma_mean" in entry]
+    assert 0.00125 < sigmas[0] < 0.0025
+    assert sigmas[0] < sigmas[-1] < 0.2
+
+
+def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny_model_dir, completion_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(trained / "checkpoint-10", out / "checkpoint-10")
+    shutil.copytree(trained / "prepared", out / "prepared")
+    config = blob_config(tiny_model_dir, completion_data, out, resume_from_checkpoint=str(out / "checkpoint-10"))
+    run_axolotl(config, tmp_path)
+    resumed, uninterrupted = saved_tensors(out), saved_tensors(trained)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+def test_plain_peft_loads_the_result_as_the_posterior_mean(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_blob.blob.model import bayesianize, load_posterior
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained).eval()
+    blob = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained).eval()
+    bayesianize(blob, init_std=0.05)
+    load_posterior(blob, trained)
+    ids = torch.tensor([[1, 5, 9, 12, 20, 7]])
+    torch.testing.assert_close(blob(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    assert not any("blob" in name for name, _ in plain.named_parameters())
+
+
+def test_continue_training_from_lora_model_dir_restores_the_posterior(trained, tiny_model_dir, completion_data, tmp_path):
+    config = blob_config(
+        tiny_model_dir, completion_data, tmp_path / "out", lora_model_dir=str(trained), max_steps=2, eval_steps=0
+    )
+    config["blob"]["kl_lr"] = 0.0
+    config["learning_rate"] = 0.0
+    run_axolotl(config, tmp_path)
+    log = (tmp_path / "axolotl.log").read_text()
+    assert f"restored the posterior of 4 layers from {trained}" in log
+    continued, original = load_file(tmp_path / "out" / "blob_posterior.safetensors"), load_file(trained / "blob_posterior.safetensors")
+    for key in original:
+        torch.testing.assert_close(continued[key], original[key], rtol=0, atol=0)
+
+
+def test_two_processes_end_with_identical_adapters(tiny_model_dir, completion_data, tmp_path):
+    config = blob_config(
+        tiny_model_dir,
+        completion_data,
+        tmp_path / "out",
+        max_steps=6,
+        save_steps=6,
+        eval_steps=3,
+        ddp_backend="gloo",
+        plugins=["axolotl_blob.BlobPlugin", "rank_dump.RankDumpPlugin"],
+    )
+    run_axolotl(config, tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"])
+    rank0 = load_file(tmp_path / "out" / "rank0_adapter.safetensors")
+    rank1 = load_file(tmp_path / "out" / "rank1_adapter.safetensors")
+    assert rank0.keys() == rank1.keys() and any("blob_G" in key for key in rank0)
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+    history = json.loads((tmp_path / "out" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert all(math.isfinite(entry["kl"]) for entry in history if "loss" in entry)
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [0, 3, 6]
+    # 216 training rows, 4 per rank and step: with real DDP an epoch is 27 steps (54 if ranks ran alone)
+    assert history[-1]["epoch"] == pytest.approx(6 / 27)
