@@ -205,3 +205,26 @@ def test_bf16_autocast_forward_and_backward():
         out = model(torch.randn(2, 3, D_IN))
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_replays_the_same_noise(tiny_model_dir):
+    """Recomputation in backward must redraw the identical Flipout sample (checkpointing preserves the RNG)."""
+    from transformers import AutoModelForCausalLM
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        bayesianize(model, init_std=0.3)
+        model.train()
+        ids = torch.randint(4, 100, (2, 12))
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and any("blob_G" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)

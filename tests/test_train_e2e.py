@@ -114,7 +114,7 @@ def test_two_processes_end_with_identical_adapters(tiny_model_dir, completion_da
         save_steps=6,
         eval_steps=3,
         ddp_backend="gloo",
-        plugins=["axolotl_blob.BlobPlugin", "rank_dump.RankDumpPlugin"],
+        plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin"],
     )
     run_axolotl(config, tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"])
     rank0 = load_file(tmp_path / "out" / "rank0_adapter.safetensors")
@@ -127,3 +127,22 @@ def test_two_processes_end_with_identical_adapters(tiny_model_dir, completion_da
     assert [entry["step"] for entry in history if "eval_loss" in entry] == [0, 3, 6]
     # 216 training rows, 4 per rank and step: with real DDP an epoch is 27 steps (54 if ranks ran alone)
     assert history[-1]["epoch"] == pytest.approx(6 / 27)
+
+
+def test_load_in_8bit_quantizes_the_base_like_adapter_lora(tiny_model_dir, completion_data, tmp_path):
+    config = blob_config(
+        tiny_model_dir,
+        completion_data,
+        tmp_path / "out",
+        load_in_8bit=True,
+        max_steps=4,
+        eval_steps=2,
+        save_steps=4,
+        plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin"],
+    )
+    run_axolotl(config, tmp_path)
+    assert json.loads((tmp_path / "out" / "probe_layers.json").read_text()) == ["Linear8bitLt"]
+    assert "converting PEFT model w/ prepare_model_for_kbit_training" in (tmp_path / "axolotl.log").read_text()
+    history = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert all(math.isfinite(entry["loss"]) and entry["kl"] > 0 for entry in history if "loss" in entry)
+    assert (tmp_path / "out" / "blob_posterior.safetensors").is_file()

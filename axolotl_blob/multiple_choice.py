@@ -1,0 +1,229 @@
+"""Multiple-choice questions as an Axolotl prompt strategy, plus the pieces a calibration evaluator reuses.
+
+Data format, one JSON object per line::
+
+    {"id": "q1", "question": "Which word is a color?", "choices": ["cat", "red"], "answer": 1}
+
+Use it in a config as ``datasets: [{path: train.jsonl, type: axolotl_blob.multiple_choice}]`` (and, for
+``test_datasets``, add ``split: train``: a local JSON file only has a ``train`` split).
+
+Each example becomes a plain-text prompt (no chat template, so an evaluator needs nothing but the tokenizer)::
+
+    Which word is a color?
+    A. cat
+    B. red
+    Answer:
+
+followed by ONE answer-letter token. Only that token is supervised, so the training / eval loss is exactly the
+negative log-likelihood of the correct letter, and the evaluator scores an example by reading the logits of the
+label tokens (``label_token_ids``) at the last prompt position (``prompt_token_ids``): the same token ids the
+model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from axolotl.prompt_tokenizers import IGNORE_INDEX, PromptTokenizingStrategy
+from axolotl.prompters import Prompter
+
+LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ANSWER_CUE = "Answer:"
+FIELDS = ("question", "choices", "answer")
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+def format_prompt(question: str, choices: list[str] | tuple[str, ...]) -> str:
+    """The question, one ``A. text`` line per choice, then ``Answer:`` (no trailing space)."""
+    if len(choices) > len(LABELS):
+        raise ValueError(f"{len(choices)} choices, at most {len(LABELS)} are supported (labels {LABELS[0]}-{LABELS[-1]})")
+    lines = [question, *(f"{LABELS[i]}. {choice}" for i, choice in enumerate(choices)), ANSWER_CUE]
+    return "\n".join(lines)
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    return f"{type(tokenizer).__name__}({name!r})" if name else type(tokenizer).__name__
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def label_token_ids(tokenizer: Any, n_choices: int, context: str = ANSWER_CUE) -> list[int]:
+    """Token id of each answer letter ``LABELS[:n_choices]`` as it follows ``Answer:``.
+
+    For each label, `` A`` (leading space) is tried first, then ``A``. A form is accepted when it adds exactly
+    one token to the encoding of ``context``, that token is neither unknown nor special, and the encoding of
+    ``context`` is left unchanged (the label did not merge into the cue).
+
+    Why the difference of two encodings rather than encoding `` A`` alone: SentencePiece / Metaspace
+    tokenizers prepend ``▁`` at the start of a text, so `` A`` on its own may come out as ``['▁', '▁A']`` or
+    ``['▁▁A']`` although after ``Answer:`` it is the single token ``▁A``; byte-level BPEs can likewise merge
+    differently at a text's start. Encoding ``context + " A"`` reproduces exactly what the tokenizer produces
+    after ``Answer:`` in a real prompt. The decision is made per label, so a label's id never depends on
+    ``n_choices``. Raises ValueError naming the label and the tokenizer if a label is not a single token.
+    """
+    if not 1 <= n_choices <= len(LABELS):
+        raise ValueError(f"n_choices must be in 1..{len(LABELS)}, got {n_choices}")
+    base = _encode(tokenizer, context)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    ids: list[int] = []
+    for label in LABELS[:n_choices]:
+        tried = []
+        for form in (" " + label, label):
+            full = _encode(tokenizer, context + form)
+            extra = full[len(base):]
+            tokens = tokenizer.convert_ids_to_tokens(extra)
+            if full[: len(base)] != base:
+                tried.append(f"{form!r} changes the tokens of {context!r}")
+            elif len(extra) != 1:
+                tried.append(f"{form!r} -> {len(extra)} tokens {tokens}")
+            elif extra[0] == unk or extra[0] in special:
+                tried.append(f"{form!r} -> {'unknown' if extra[0] == unk else 'special'} token {tokens}")
+            else:
+                ids.append(extra[0])
+                break
+        else:
+            raise ValueError(
+                f"answer label {label!r} is not a single token after {context!r} for tokenizer "
+                f"{_tokenizer_name(tokenizer)}: {'; '.join(tried)}"
+            )
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answer labels {LABELS[:n_choices]!r} share token ids {ids} in {_tokenizer_name(tokenizer)}")
+    return ids
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its bos token in front of a text when special tokens are added."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    return tokenizer("x")["input_ids"][:1] == [bos] and _encode(tokenizer, "x")[:1] != [bos]
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str, add_bos: bool | None = None) -> list[int]:
+    """The prompt's tokens, with bos in front if the tokenizer adds one (``add_bos=None`` detects it).
+
+    Special tokens other than bos (e.g. an eos some tokenizers append) are never added: the answer token must
+    follow ``Answer:`` directly.
+    """
+    ids = _encode(tokenizer, prompt)
+    if add_bos is None:
+        add_bos = adds_bos(tokenizer)
+    return [tokenizer.bos_token_id, *ids] if add_bos else ids
+
+
+# --------------------------------------------------------------------------- data
+
+
+def validate_example(example: Any, where: str) -> None:
+    """Check one example; raise ValueError starting with ``where`` (e.g. ``file:line``) and naming the field.
+
+    ``None`` counts as missing: Hugging Face ``datasets`` fills fields a row lacks with ``None``.
+    """
+    if not isinstance(example, Mapping):
+        raise ValueError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, got {type(example).__name__}")
+    for field in FIELDS:
+        if example.get(field) is None:
+            raise ValueError(f"{where}: missing field '{field}'")
+    question, choices, answer = (example[field] for field in FIELDS)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}")
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+        raise ValueError(f"{where}: field 'choices' must be a list of at least 2 strings, got {choices!r}")
+    if len(choices) > len(LABELS):
+        raise ValueError(f"{where}: field 'choices' has {len(choices)} items, at most {len(LABELS)} are supported")
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, str):
+            raise ValueError(f"{where}: field 'choices' item {i} must be a string, got {choice!r}")
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        hint = " (a float in any row makes `datasets` load the whole column as floats)" if isinstance(answer, float) else ""
+        raise ValueError(f"{where}: field 'answer' must be an integer index into 'choices', got {answer!r}{hint}")
+    if not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: field 'answer' is {answer}, out of range for {len(choices)} choices (0..{len(choices) - 1})")
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    """Read and validate a multiple-choice JSONL file; errors name the file, the 1-based line and the field.
+
+    Blank lines are skipped; a file without any example is an error.
+    """
+    path = Path(path)
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: bad JSON ({exc.msg}, column {exc.colno})") from None
+            validate_example(example, where)
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+# --------------------------------------------------------------------------- Axolotl strategy
+
+
+class MultipleChoicePrompter(Prompter):
+    """Builds the plain-text prompt; kept for Axolotl's prompter convention."""
+
+    def build_prompt(self, question: str, choices: list[str]) -> Iterator[str]:
+        yield format_prompt(question, choices)
+
+
+class MultipleChoicePromptTokenizingStrategy(PromptTokenizingStrategy):
+    """``input_ids = [bos] + prompt + [answer label] + [eos]``, supervising only the answer label token.
+
+    eos is appended (when the tokenizer has one) but not supervised: the loss is then exactly the answer's NLL,
+    comparable between runs and equal to what the calibration evaluator measures; the model is used for scoring,
+    not for open-ended generation. With ``train_on_inputs: true`` the prompt tokens are supervised as well.
+
+    Sequences are not truncated (cutting would drop the answer): Axolotl drops those longer than
+    ``sequence_len`` by default (``excess_length_strategy: drop``); use ``raise`` to be told instead, never
+    ``truncate``.
+    """
+
+    def __init__(self, prompter: Prompter, tokenizer: Any, train_on_inputs: bool = False, sequence_len: int = 2048):
+        super().__init__(prompter, tokenizer, train_on_inputs, sequence_len)
+        self.add_bos = adds_bos(tokenizer)
+        self._label_ids: list[int] = []
+
+    def label_ids(self, n_choices: int) -> list[int]:
+        # Per-label resolution does not depend on n_choices, so one growing list serves every example.
+        if len(self._label_ids) < n_choices:
+            self._label_ids = label_token_ids(self.tokenizer, n_choices)
+        return self._label_ids[:n_choices]
+
+    def tokenize_prompt(self, prompt: Mapping[str, Any]) -> dict[str, list[int]]:
+        where = f"multiple-choice row (id={prompt['id']!r})" if prompt.get("id") is not None else "multiple-choice row"
+        validate_example(prompt, where)
+        text = next(iter(self.prompter.build_prompt(prompt["question"], list(prompt["choices"]))))
+        prompt_ids = prompt_token_ids(self.tokenizer, text, add_bos=self.add_bos)
+        answer_id = self.label_ids(len(prompt["choices"]))[prompt["answer"]]
+        input_ids = [*prompt_ids, answer_id]
+        labels = [*(prompt_ids if self.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)), answer_id]
+        if self.tokenizer.eos_token_id is not None:
+            input_ids.append(self.tokenizer.eos_token_id)
+            labels.append(IGNORE_INDEX)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
+
+
+def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None) -> MultipleChoicePromptTokenizingStrategy:
+    """Entry point Axolotl calls for ``type: axolotl_blob.multiple_choice``."""
+    return MultipleChoicePromptTokenizingStrategy(
+        MultipleChoicePrompter(),
+        tokenizer,
+        bool(cfg.train_on_inputs),
+        cfg.sequence_len,
+    )
