@@ -129,19 +129,20 @@ def test_two_processes_end_with_identical_adapters(tiny_model_dir, completion_da
     assert history[-1]["epoch"] == pytest.approx(6 / 27)
 
 
-def test_load_in_8bit_quantizes_the_base_like_adapter_lora(tiny_model_dir, completion_data, tmp_path):
+@pytest.mark.parametrize("quantization, layer", [("load_in_8bit", "Linear8bitLt"), ("load_in_4bit", "Linear4bit")])
+def test_quantized_base_is_loaded_like_adapter_lora(quantization, layer, tiny_model_dir, completion_data, tmp_path):
     config = blob_config(
         tiny_model_dir,
         completion_data,
         tmp_path / "out",
-        load_in_8bit=True,
+        **{quantization: True},
         max_steps=4,
         eval_steps=2,
         save_steps=4,
         plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin"],
     )
     run_axolotl(config, tmp_path)
-    assert json.loads((tmp_path / "out" / "probe_layers.json").read_text()) == ["Linear8bitLt"]
+    assert json.loads((tmp_path / "out" / "probe_layers.json").read_text()) == [layer]
     assert "converting PEFT model w/ prepare_model_for_kbit_training" in (tmp_path / "axolotl.log").read_text()
     history = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert all(math.isfinite(entry["loss"]) and entry["kl"] > 0 for entry in history if "loss" in entry)
