@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from axolotl_blob.blob.model import missing_posterior_files
+from axolotl_blob.multiple_choice import read_examples
 
 
 def reject_unknown_keys(block: str, model: type[BaseModel], data: Any) -> Any:
@@ -55,10 +56,74 @@ class BlobSettings(BaseModel):
         return reject_unknown_keys("blob", cls, data)
 
 
+class CalibrationDataset(BaseModel):
+    """One multiple-choice JSONL file to evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    name: str | None = Field(None, description="names the metrics when there are several datasets; default: file stem")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        return reject_unknown_keys("calibration.datasets[]", cls, data)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class CalibrationSettings(BaseModel):
+    """The `calibration:` block: what to evaluate, how, and when (every Axolotl evaluation, and at the end)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[CalibrationDataset] = Field(default_factory=list, description="multiple-choice JSONL files (mode choices)")
+    mode: Literal["choices", "tokens"] = Field(
+        "choices", description="choices: label-token probabilities of multiple-choice prompts; tokens: every supervised token of the eval split"
+    )
+    n_bins: int = Field(15, ge=1, description="equal-width confidence bins for ECE / MCE")
+    samples: int | None = Field(None, ge=0, description="posterior samples averaged; 0 = posterior mean; default: the adapter's own")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+    plots: bool = Field(True, description="write a reliability-diagram PNG per dataset and evaluation")
+    at_end: bool = Field(True, description="also evaluate once when training ends")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        return reject_unknown_keys("calibration", cls, data)
+
+    @model_validator(mode="after")
+    def _datasets_fit_the_mode(self) -> "CalibrationSettings":
+        if self.mode == "choices":
+            if not self.datasets:
+                raise ValueError("calibration.mode 'choices' needs calibration.datasets (multiple-choice JSONL files)")
+            for dataset in self.datasets:
+                if not Path(dataset.path).is_file():
+                    raise ValueError(f"calibration.datasets: file '{dataset.path}' does not exist")
+                read_examples(dataset.path)  # every line checked now, before any weights load
+            labels = [dataset.label for dataset in self.datasets]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"calibration.datasets: names {labels} repeat; give each a distinct 'name'")
+        elif self.datasets:
+            raise ValueError("calibration.mode 'tokens' scores Axolotl's own eval split; remove calibration.datasets")
+        return self
+
+
 class BlobPluginArgs(BaseModel):
     """Top-level keys the plugin adds to Axolotl's config."""
 
     blob: BlobSettings | None = None
+    calibration: CalibrationSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_calibration_combinations(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("calibration"), dict):
+            if data["calibration"].get("mode") == "tokens" and not (data.get("val_set_size") or data.get("test_datasets")):
+                raise ValueError("calibration.mode 'tokens' needs an eval split: set val_set_size or test_datasets")
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -1,7 +1,8 @@
 """BlobPlugin: Axolotl's hooks, each a few lines that hand over to the modules that hold the science.
 
 Every hook does nothing unless a feature of this plugin is selected, so the plugin is safe to auto-load.
-Order in a training run: register → (config validation: args.py) → load_adapter → get_trainer_cls → post_train.
+Order in a training run: register → (config validation: args.py) → load_adapter → get_trainer_cls →
+add_callbacks_post_trainer → post_train.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 
-from axolotl_blob.args import BlobSettings
+from axolotl_blob.args import BlobSettings, CalibrationSettings
 from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, save_posterior
 from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
+from axolotl_blob.calibration.callback import CalibrationCallback
+from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.compat import patch_model_loader
 
 LOG = get_logger(__name__)
@@ -23,6 +26,16 @@ LOG = get_logger(__name__)
 
 def blob_settings(cfg: DictDefault) -> BlobSettings:
     return BlobSettings(**dict(cfg.blob or {}))
+
+
+def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> CalibrationEvaluator:
+    """The `calibration:` block with its sample count resolved: explicit, else the posterior source's own."""
+    settings = CalibrationSettings(**dict(cfg.calibration))
+    if samples is None:
+        samples = settings.samples
+    if samples is None:
+        samples = blob_settings(cfg).eval_samples if cfg.adapter == "blob" else 0
+    return CalibrationEvaluator(settings, samples)
 
 
 class BlobPlugin(BasePlugin):
@@ -64,6 +77,11 @@ class BlobPlugin(BasePlugin):
 
         base = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
         return blob_trainer_cls(base, blob_settings(cfg))
+
+    def add_callbacks_post_trainer(self, cfg: DictDefault, trainer) -> list:
+        if not cfg.calibration:
+            return []
+        return [CalibrationCallback(trainer, calibration_evaluator(cfg))]
 
     def post_train(self, cfg: DictDefault, model):
         """Axolotl saves the final adapter with `model.save_pretrained`; the posterior goes beside it."""

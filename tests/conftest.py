@@ -30,6 +30,27 @@ def corpus(n: int, seed: int = 0) -> list[str]:
     return lines
 
 
+COLORS = ["red", "green", "blue"]
+NOT_COLORS = [w for w in WORDS if w not in COLORS]
+
+
+def color_questions(n: int, seed: int) -> list[dict]:
+    """'Which word is a color?' with one color among three other words, the answer at a random position."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        choices = rng.sample(NOT_COLORS, 3)
+        answer = rng.randrange(4)
+        choices.insert(answer, rng.choice(COLORS))
+        rows.append({"id": f"color-{seed}-{i}", "question": "Which word is a color?", "choices": choices, "answer": answer})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -1,0 +1,56 @@
+"""Calibration as part of every evaluation of the HF Trainer, and once at the end of training."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from axolotl_blob.calibration.evaluator import CalibrationEvaluator
+from axolotl_blob.calibration.report import format_table
+from axolotl_blob.sampling import sampler_for
+
+
+def autocast_for(trainer: Trainer):
+    """The Trainer's mixed precision for our own forward passes (bf16 autocast is what makes CPU runs fast)."""
+    args = trainer.args
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    if dtype is None:
+        return contextlib.nullcontext
+    device_type = trainer.args.device.type
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+class CalibrationCallback(TrainerCallback):
+    """Adds `eval_acc`, `eval_ece`, … to the Trainer's log and writes `output_dir/calibration/`."""
+
+    def __init__(self, trainer: Trainer, evaluator: CalibrationEvaluator):
+        self.trainer = trainer
+        self.evaluator = evaluator
+        self.last_step: int | None = None
+        self.last_reports: dict[str, dict] = {}
+
+    def run(self, step: int) -> dict[str, float]:
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        batches = trainer.get_eval_dataloader() if self.evaluator.settings.mode == "tokens" else None
+        reports = self.evaluator.evaluate(model, trainer.processing_class, sampler_for(model), batches, autocast_for(trainer))
+        self.last_step, self.last_reports = step, reports
+        if trainer.is_world_process_zero():
+            self.evaluator.save(reports, Path(trainer.args.output_dir) / "calibration", step)
+            print(format_table(reports, self.evaluator.n_samples), flush=True)
+        metrics = self.evaluator.metric_names(reports)
+        trainer.log(metrics)
+        return metrics
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.last_step != state.global_step:  # several eval sets evaluate one after another
+            calibration = self.run(state.global_step)
+            if metrics is not None:
+                metrics.update(calibration)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.evaluator.settings.at_end and self.last_step != state.global_step:
+            self.run(state.global_step)

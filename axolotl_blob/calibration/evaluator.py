@@ -1,0 +1,64 @@
+"""One calibration evaluation of a model: every dataset of the `calibration:` block, scored and reported."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from axolotl_blob.args import CalibrationSettings
+from axolotl_blob.calibration.report import dataset_report, reliability_diagram, write_json
+from axolotl_blob.calibration.scoring import AutocastFactory, score_choices, score_tokens
+from axolotl_blob.multiple_choice import read_examples
+from axolotl_blob.sampling import PosteriorSampler
+
+TOKENS_DATASET = "tokens"
+
+
+@dataclass
+class CalibrationEvaluator:
+    settings: CalibrationSettings
+    n_samples: int
+
+    def __post_init__(self):
+        self.examples = {d.label: read_examples(d.path) for d in self.settings.datasets}
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer,
+        sampler: PosteriorSampler,
+        eval_batches: Iterable[dict] | None = None,
+        autocast: AutocastFactory = contextlib.nullcontext,
+    ) -> dict[str, dict]:
+        """{dataset name: metrics and per-bin statistics}; identical on every rank."""
+        s = self.settings
+        if s.mode == "tokens":
+            state = score_tokens(model, eval_batches, sampler, self.n_samples, s.n_bins, autocast)
+            return {TOKENS_DATASET: dataset_report(state)}
+        return {
+            name: dataset_report(
+                score_choices(model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast)
+            )
+            for name, examples in self.examples.items()
+        }
+
+    def metric_names(self, reports: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
+        """`eval_acc`, … for one dataset; `eval_<dataset>_acc`, … for several."""
+        single = len(reports) == 1
+        return {
+            f"{prefix}_{metric}" if single else f"{prefix}_{name}_{metric}": value
+            for name, report in reports.items()
+            for metric, value in report.items()
+            if metric not in ("bins", "n")
+        }
+
+    def save(self, reports: dict[str, dict], directory: Path, step: int) -> None:
+        write_json(directory / f"step-{step}.json", step, self.n_samples, self.settings.n_bins, self.settings.mode, reports)
+        if self.settings.plots:
+            for name, report in reports.items():
+                title = f"{name}, step {step}, N = {self.n_samples}"
+                reliability_diagram(report, title, directory / f"{name}-step-{step}.png")

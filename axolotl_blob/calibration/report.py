@@ -1,0 +1,67 @@
+"""What an evaluation leaves behind: a JSON report, a reliability diagram, and a printed table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from axolotl_blob.calibration.metrics import CalibrationState
+
+TABLE_METRICS = ("acc", "ece", "mce", "nll", "brier", "confidence", "entropy", "mutual_info")
+CONFIDENCE_DEFINITION = "top-label probability max_k p_k of the posterior-averaged predictive distribution"
+
+
+def dataset_report(state: CalibrationState) -> dict:
+    return {**state.compute(), "bins": state.bins()}
+
+
+def write_json(path: Path, step: int, n_samples: int, n_bins: int, mode: str, reports: dict[str, dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "step": step,
+        "mode": mode,
+        "n_samples": n_samples,
+        "n_bins": n_bins,
+        "confidence": CONFIDENCE_DEFINITION,
+        "datasets": reports,
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def reliability_diagram(report: dict, title: str, path: Path) -> None:
+    """Per-bin accuracy against mean confidence, bars on the diagonal, with the bin counts written on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = report["bins"]
+    width = bins[0]["upper"] - bins[0]["lower"]
+    centres = [b["lower"] + width / 2 for b in bins]
+    accuracy = [0.0 if math.isnan(b["accuracy"]) else b["accuracy"] for b in bins]
+    figure, axis = plt.subplots(figsize=(4.8, 4.8))
+    axis.bar(centres, accuracy, width=width * 0.95, color="#4477aa", edgecolor="black", label="accuracy")
+    gaps = [(c, b["confidence"]) for c, b in zip(centres, bins) if b["count"]]
+    axis.scatter([c for c, _ in gaps], [conf for _, conf in gaps], color="#cc3311", zorder=3, s=14, label="mean confidence")
+    axis.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    for centre, b, acc in zip(centres, bins, accuracy):
+        if b["count"]:
+            axis.text(centre, min(acc, 0.93) + 0.02, str(b["count"]), ha="center", fontsize=7)
+    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+    axis.set_title(f"{title}\nacc {report['acc']:.3f}  ECE {report['ece']:.3f}  NLL {report['nll']:.3f}", fontsize=9)
+    axis.legend(loc="upper left", fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def format_table(reports: dict[str, dict], n_samples: int) -> str:
+    header = ["dataset", "n", *TABLE_METRICS]
+    rows = [[name, str(r["n"]), *(f"{r[m]:.4f}" for m in TABLE_METRICS)] for name, r in reports.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [f"calibration (posterior samples N = {n_samples})"]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    return "\n".join(lines)

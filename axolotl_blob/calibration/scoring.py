@@ -1,0 +1,124 @@
+"""Scoring a model into a CalibrationState, in the two modes of the `calibration:` block.
+
+`choices`: multiple-choice prompts; the next-token logits at the last prompt position restricted to the choice
+labels (A, B, …), softmaxed over those K, averaged as probabilities over the posterior draws.
+`tokens`: every supervised next token of an ordinary eval dataloader, K = the vocabulary.
+Examples are sharded over ranks and the summed states all-reduced, so every rank returns the global metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from axolotl_blob.calibration.metrics import CalibrationState, entropy
+from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids
+from axolotl_blob.sampling import PosteriorSampler
+
+AutocastFactory = Callable[[], contextlib.AbstractContextManager]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_state(state: CalibrationState) -> CalibrationState:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = state.as_tensor()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        state.load_tensor(flat)
+    return state
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_choices(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    sampler: PosteriorSampler,
+    n_samples: int,
+    n_bins: int = 15,
+    batch_size: int = 8,
+    autocast: AutocastFactory = contextlib.nullcontext,
+) -> CalibrationState:
+    """Calibration state of multiple-choice `examples` (dicts with question, choices, answer)."""
+    rank, world = _rank_and_world()
+    max_choices = max(len(example["choices"]) for example in examples)
+    label_ids = torch.tensor(label_token_ids(tokenizer, max_choices))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _device(model)
+    state = CalibrationState(n_bins)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(list(examples[rank::world]), batch_size):
+            prompts = [prompt_token_ids(tokenizer, format_prompt(e["question"], e["choices"])) for e in batch]
+            lengths = torch.tensor([len(p) for p in prompts])
+            input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+            for row, prompt in enumerate(prompts):  # right padding keeps every prompt's positions unchanged
+                input_ids[row, : len(prompt)] = torch.tensor(prompt)
+            attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+            valid = torch.arange(max_choices)[None, :] < torch.tensor([len(e["choices"]) for e in batch])[:, None]
+            draws = []
+            for _ in sampler.draws(n_samples):
+                with autocast():
+                    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+                last = logits[torch.arange(len(batch)), (lengths - 1).to(device)].float().cpu()
+                choice_logits = last[:, label_ids].masked_fill(~valid, float("-inf"))
+                draws.append(torch.softmax(choice_logits, dim=-1))
+            stacked = torch.stack(draws)
+            answers = torch.tensor([e["answer"] for e in batch])
+            state.update(stacked.mean(0), answers, entropy(stacked).mean(0) if len(draws) > 1 else None)
+    finally:
+        model.train(was_training)
+    return all_reduce_state(state)
+
+
+@torch.no_grad()
+def score_tokens(
+    model: nn.Module,
+    batches: Iterable[dict],
+    sampler: PosteriorSampler,
+    n_samples: int,
+    n_bins: int = 15,
+    autocast: AutocastFactory = contextlib.nullcontext,
+) -> CalibrationState:
+    """Calibration state of every supervised next token (labels != −100) in `batches` of a causal LM."""
+    device = _device(model)
+    state = CalibrationState(n_bins)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            labels = batch["labels"][:, 1:].to(device)
+            mask = labels != -100
+            if not mask.any():
+                continue
+            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            prob_sum, draw_entropy_sum, count = None, None, 0
+            for _ in sampler.draws(n_samples):
+                with autocast():
+                    logits = model(**inputs).logits[:, :-1]
+                probs = torch.softmax(logits[mask].float(), dim=-1)
+                prob_sum = probs if prob_sum is None else prob_sum + probs
+                draw_entropy_sum = entropy(probs) if draw_entropy_sum is None else draw_entropy_sum + entropy(probs)
+                count += 1
+            state.update(prob_sum / count, labels[mask], draw_entropy_sum / count if count > 1 else None)
+    finally:
+        model.train(was_training)
+    return all_reduce_state(state)

@@ -1,0 +1,71 @@
+"""Calibration inside `axolotl.cli.train` on the tiny model, and the post-hoc command reproducing it."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import base_config, color_questions, run_axolotl, write_jsonl
+
+pytestmark = pytest.mark.slow
+METRICS = ("acc", "ece", "mce", "nll", "brier", "entropy", "mutual_info")
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tiny_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("calibration")
+    train = write_jsonl(workdir / "train.jsonl", color_questions(80, seed=0))
+    val = write_jsonl(workdir / "val.jsonl", color_questions(24, seed=1))
+    config = base_config(
+        tiny_model_dir,
+        train,
+        workdir / "out",
+        datasets=[{"path": str(train), "type": "axolotl_blob.multiple_choice"}],
+        val_set_size=0.0,
+        test_datasets=[{"path": str(val), "type": "axolotl_blob.multiple_choice", "split": "train"}],
+        max_steps=12,
+        eval_steps=6,
+        save_steps=12,
+        calibration={"datasets": [{"path": str(val), "name": "colors"}], "n_bins": 10, "samples": 0},
+    )
+    run_axolotl(config, workdir)
+    return workdir, config
+
+
+def test_training_logs_calibration_metrics_and_writes_reports(calibrated_run):
+    workdir, _ = calibrated_run
+    out = workdir / "out"
+    history = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    calibration_logs = [entry for entry in history if "eval_ece" in entry]
+    assert [entry["step"] for entry in calibration_logs] == [0, 6, 12]
+    for entry in calibration_logs:
+        assert all(math.isfinite(entry[f"eval_{m}"]) for m in METRICS)
+        assert 0 <= entry["eval_ece"] <= entry["eval_mce"] + 1e-12 <= 1 + 1e-12 and 0 <= entry["eval_acc"] <= 1
+    report = json.loads((out / "calibration" / "step-12.json").read_text())
+    assert report["n_bins"] == 10 and report["n_samples"] == 0 and "max_k p_k" in report["confidence"]
+    colors = report["datasets"]["colors"]
+    assert colors["n"] == 24 and sum(b["count"] for b in colors["bins"]) == 24 and len(colors["bins"]) == 10
+    assert colors["ece"] == pytest.approx(calibration_logs[-1]["eval_ece"])
+    png = (out / "calibration" / "colors-step-12.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5_000
+
+
+def test_post_hoc_evaluation_reproduces_the_final_numbers(calibrated_run, tmp_path):
+    import subprocess
+
+    from conftest import OFFLINE_ENV
+
+    workdir, _ = calibrated_run
+    out = workdir / "out"
+    summary = tmp_path / "summary.json"
+    command = [sys.executable, "-m", "axolotl_blob.evaluate", str(workdir / "config.yml"), "--adapter", str(out), "--json", str(summary)]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env={**__import__("os").environ, **OFFLINE_ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "calibration (posterior samples N = 0)" in result.stdout
+    posthoc = json.loads(summary.read_text())["colors"]
+    final = json.loads((out / "calibration" / "step-12.json").read_text())["datasets"]["colors"]
+    for metric in METRICS:
+        assert posthoc[metric] == pytest.approx(final[metric], abs=1e-4), metric

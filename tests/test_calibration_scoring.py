@@ -1,0 +1,79 @@
+"""The two scoring modes against direct computations on the tiny model."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from axolotl_blob.blob.model import bayesianize
+from axolotl_blob.calibration.metrics import CalibrationState
+from axolotl_blob.calibration.scoring import score_choices, score_tokens
+from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids
+from axolotl_blob.sampling import BlobSampler, DeterministicSampler
+
+EXAMPLES = [
+    {"question": "Which is a color?", "choices": ["red", "cat", "one"], "answer": 0},
+    {"question": "Which is an animal? Pick the animal from the list", "choices": ["sun", "dog"], "answer": 1},
+    {"question": "Which is a number?", "choices": ["tree", "moon", "star", "two"], "answer": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    bayesianize(model, init_std=0.3)
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def one_at_a_time(model, tokenizer, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: each example alone, no padding, probabilities over its own labels averaged over draws."""
+    rows, entropies = [], []
+    for example in EXAMPLES:
+        ids = torch.tensor([prompt_token_ids(tokenizer, format_prompt(example["question"], example["choices"]))])
+        labels = label_token_ids(tokenizer, len(example["choices"]))
+        per_draw = []
+        for _ in BlobSampler(model).draws(draws):
+            per_draw.append(torch.softmax(model(input_ids=ids).logits[0, -1, labels].float(), -1))
+        probs = torch.stack(per_draw).mean(0)
+        rows.append(torch.nn.functional.pad(probs, (0, 4 - len(probs))))
+    return torch.stack(rows), torch.tensor([e["answer"] for e in EXAMPLES])
+
+
+def test_batched_right_padded_scoring_equals_one_example_at_a_time(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    probs, labels = one_at_a_time(model, tokenizer, draws=0)
+    expected = CalibrationState(10)
+    expected.update(probs, labels)
+    got = score_choices(model, tokenizer, EXAMPLES, BlobSampler(model), n_samples=0, n_bins=10, batch_size=2)
+    assert got.compute() == pytest.approx(expected.compute(), abs=1e-5)
+
+
+def test_sampled_scoring_averages_probabilities_of_the_same_draws(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(5)
+    sampled = score_choices(model, tokenizer, EXAMPLES, BlobSampler(model), n_samples=3, batch_size=8).compute()
+    mean = score_choices(model, tokenizer, EXAMPLES, BlobSampler(model), n_samples=0, batch_size=8).compute()
+    assert sampled["nll"] != pytest.approx(mean["nll"], abs=1e-6)  # sampling changed the predictions
+    assert sampled["mutual_info"] > 0 and mean["mutual_info"] == 0
+    deterministic = score_choices(model, tokenizer, EXAMPLES, DeterministicSampler(), n_samples=10, batch_size=8)
+    assert deterministic.compute() == pytest.approx(mean, abs=1e-6)  # eval mode without forcing = the mean
+
+
+def test_token_scoring_matches_a_direct_computation(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = torch.tensor([tokenizer("red cat dog one red.")["input_ids"], tokenizer("sun moon star two sun.")["input_ids"][:6]])
+    labels = ids.clone()
+    labels[0, :2] = -100
+    state = score_tokens(model, [{"input_ids": ids, "labels": labels}], DeterministicSampler(), n_samples=0)
+    logits = model(input_ids=ids).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    probs = torch.softmax(logits[mask].float(), -1)
+    expected = CalibrationState(15)
+    expected.update(probs, targets[mask])
+    assert state.compute() == pytest.approx(expected.compute(), abs=1e-6)
+    assert state.compute()["n"] == int(mask.sum())
