@@ -5,9 +5,10 @@
    this run with the adapter name read as `lora` (`qlora` when loading in 4 bit), so BLoB gets exactly the
    LoRA treatment. Axolotl's fused LoRA kernels are *not* aliased: they bypass the layer forward.
 2. Multi-process runs on CPU-only machines (torchrun, gloo). Axolotl 0.19 maps every rank to device index
-   LOCAL_RANK, which there is no device at all: the model is loaded on the CPU instead. And unless
-   `ACCELERATE_USE_CPU` is set, the HF Trainer sees no distributed state on CPU and trains every rank on its own,
-   without DDP (the ranks silently drift apart): it is set before the Trainer is built.
+   LOCAL_RANK, which there is no device at all: the model is loaded on the CPU instead.
+3. CPU-only training arguments (:func:`cpu_training_args`): without `use_cpu` the HF Trainer refuses `bf16`
+   autocast on CPU, and in a multi-process run sees no distributed state and trains every rank on its own,
+   without DDP (the ranks silently drift apart). Axolotl has no config key for it.
 Both patches are installed once per process and act only when their condition holds at call time.
 """
 
@@ -45,8 +46,16 @@ def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> 
     setattr(owner, name, patched)
 
 
+def cpu_only() -> bool:
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
 def cpu_multiprocess() -> bool:
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return cpu_only() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def cpu_training_args() -> dict:
+    return {"use_cpu": True} if cpu_only() else {}
 
 
 def patch_model_loader() -> None:
@@ -72,5 +81,3 @@ def patch_model_loader() -> None:
         return run
 
     _wrap_once(ModelLoader, "_set_device_map_config", cpu_device_map)
-    if cpu_multiprocess():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")

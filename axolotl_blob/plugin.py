@@ -19,7 +19,7 @@ from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posteri
 from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
-from axolotl_blob.compat import patch_model_loader
+from axolotl_blob.compat import cpu_training_args, patch_model_loader
 
 LOG = get_logger(__name__)
 
@@ -68,6 +68,9 @@ class BlobPlugin(BasePlugin):
         lora_config = copy.copy(lora_config)
         lora_config.init_lora_weights = False
         return model, lora_config
+
+    def get_training_args(self, cfg: DictDefault) -> dict:
+        return cpu_training_args()
 
     def get_trainer_cls(self, cfg: DictDefault):
         if cfg.adapter != "blob":

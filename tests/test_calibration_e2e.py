@@ -69,3 +69,23 @@ def test_post_hoc_evaluation_reproduces_the_final_numbers(calibrated_run, tmp_pa
     final = json.loads((out / "calibration" / "step-12.json").read_text())["datasets"]["colors"]
     for metric in METRICS:
         assert posthoc[metric] == pytest.approx(final[metric], abs=1e-4), metric
+
+
+def test_token_mode_scores_the_eval_split_with_posterior_samples(tiny_model_dir, completion_data, tmp_path):
+    config = base_config(
+        tiny_model_dir,
+        completion_data,
+        tmp_path / "out",
+        max_steps=4,
+        eval_steps=4,
+        save_steps=4,
+        calibration={"mode": "tokens", "samples": 3, "plots": False},
+    )
+    config["blob"]["init_std"] = 0.5  # σ in [0.125, 0.25]: draws that visibly disagree
+    run_axolotl(config, tmp_path)
+    history = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    final = [entry for entry in history if "eval_ece" in entry][-1]
+    assert final["step"] == 4 and final["eval_mutual_info"] > 1e-6  # draws disagree (B starts at 0, so only a little)
+    report = json.loads((tmp_path / "out" / "calibration" / "step-4.json").read_text())
+    assert report["mode"] == "tokens" and report["n_samples"] == 3
+    assert report["datasets"]["tokens"]["n"] > 100 and not list((tmp_path / "out" / "calibration").glob("*.png"))

@@ -61,3 +61,43 @@ def test_valid_config_fills_blob_defaults(tiny_model_dir, completion_data, tmp_p
     del config["blob"]
     cfg = validate(tmp_path, config)
     assert cfg.adapter == "blob" and cfg.blob is None  # defaults come from BlobSettings at load time
+
+
+GOOD_ROW = {"question": "Which word is a color?", "choices": ["cat", "red"], "answer": 1}
+CALIBRATION_FILE_ERRORS = [
+    ("missing field", [GOOD_ROW, {"question": "q", "choices": ["a", "b"]}], r"bad\.jsonl:2: missing field 'answer'"),
+    ("answer out of range", [GOOD_ROW, GOOD_ROW, {**GOOD_ROW, "answer": 2}], r"bad\.jsonl:3: field 'answer' is 2, out of range for 2 choices"),
+    ("empty eval set", [], r"bad\.jsonl: no examples"),
+    ("not a multiple-choice dataset", [{"text": "red cat dog red."}], r"bad\.jsonl:1: missing field 'question'"),
+]
+
+
+@pytest.mark.parametrize("case, rows, message", CALIBRATION_FILE_ERRORS, ids=[row[0] for row in CALIBRATION_FILE_ERRORS])
+def test_bad_calibration_files_are_rejected_naming_file_and_line(case, rows, message, tiny_model_dir, completion_data, tmp_path):
+    from conftest import write_jsonl
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    config = base_config(tiny_model_dir, completion_data, tmp_path / "out", calibration={"datasets": [{"path": str(bad)}]})
+    with pytest.raises(Exception, match=message):
+        validate(tmp_path, config)
+
+
+CALIBRATION_BLOCK_ERRORS = [
+    ("unknown key", {"datasets": [], "n_bin": 10}, "unknown key 'calibration.n_bin'. Did you mean 'calibration.n_bins'?"),
+    ("choices without datasets", {"mode": "choices"}, "calibration.mode 'choices' needs calibration.datasets"),
+    ("missing file", {"datasets": [{"path": "nowhere.jsonl"}]}, "calibration.datasets: file 'nowhere.jsonl' does not exist"),
+    ("negative samples", {"mode": "tokens", "samples": -1}, r"calibration.samples\n  Input should be greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize("case, block, message", CALIBRATION_BLOCK_ERRORS, ids=[row[0] for row in CALIBRATION_BLOCK_ERRORS])
+def test_bad_calibration_block_is_rejected(case, block, message, tiny_model_dir, completion_data, tmp_path):
+    config = base_config(tiny_model_dir, completion_data, tmp_path / "out", calibration=block)
+    with pytest.raises(Exception, match=message):
+        validate(tmp_path, config)
+
+
+def test_token_calibration_needs_an_eval_split(tiny_model_dir, completion_data, tmp_path):
+    config = base_config(tiny_model_dir, completion_data, tmp_path / "out", val_set_size=0.0, calibration={"mode": "tokens"})
+    with pytest.raises(Exception, match="calibration.mode 'tokens' needs an eval split: set val_set_size or test_datasets"):
+        validate(tmp_path, config)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,9 @@ from axolotl_blob.multiple_choice import (
     prompt_token_ids,
     read_examples,
 )
-from conftest import base_config, run_axolotl
+from conftest import base_config, color_questions, run_axolotl, write_jsonl
 
-SMOLLM2_DIR = Path("/work/assets/smollm2-135m-instruct")
-COLORS = ["red", "green", "blue"]
-OTHERS = ["cat", "dog", "bird", "sun", "moon", "star", "tree", "river", "stone"]
+SMOLLM2_DIR = Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m-instruct"
 
 
 class Cfg(dict):
@@ -44,7 +41,7 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     if not (SMOLLM2_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"{SMOLLM2_DIR} missing (python -m axolotl_blob.assets --out /work/assets)")
+        pytest.skip(f"{SMOLLM2_DIR} missing (python -m axolotl_blob.assets --out assets)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(SMOLLM2_DIR)
@@ -112,13 +109,8 @@ def test_a_label_that_is_not_a_single_token_is_a_clear_error(tiny_tokenizer):
 # --------------------------------------------------------------------------- read_examples
 
 
-def write_lines(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return path
-
-
 def test_read_examples_returns_the_objects_and_skips_blank_lines(tmp_path):
-    path = write_lines(tmp_path / "ok.jsonl", [example(0), "", example(2, choices=["a", "b", "c"])])
+    path = write_jsonl(tmp_path / "ok.jsonl", [example(0), "", example(2, choices=["a", "b", "c"])])
     assert read_examples(path) == [example(0), example(2, choices=["a", "b", "c"])]
 
 
@@ -137,7 +129,7 @@ def test_read_examples_returns_the_objects_and_skips_blank_lines(tmp_path):
     ],
 )
 def test_read_examples_errors_name_file_line_and_field(tmp_path, bad, line, pattern):
-    path = write_lines(tmp_path / "bad.jsonl", [example(0), bad, example(1)])
+    path = write_jsonl(tmp_path / "bad.jsonl", [example(0), bad, example(1)])
     with pytest.raises(ValueError, match=pattern) as info:
         read_examples(path)
     assert str(info.value).startswith(f"{path}:{line}: ")
@@ -222,22 +214,10 @@ def test_axolotl_loads_the_strategy_by_its_dotted_type(tiny_tokenizer):
 # --------------------------------------------------------------------------- end to end
 
 
-def color_questions(n: int, seed: int) -> list[dict]:
-    """'Which word is a color?' with one color among three other words, the answer at a random position."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        choices = rng.sample(OTHERS, 3)
-        answer = rng.randrange(4)
-        choices.insert(answer, rng.choice(COLORS))
-        rows.append({"id": f"color-{seed}-{i}", "question": "Which word is a color?", "choices": choices, "answer": answer})
-    return rows
-
-
 @pytest.mark.slow
 def test_blob_trains_on_a_multiple_choice_file_end_to_end(tiny_model_dir, tmp_path):
-    train = write_lines(tmp_path / "train.jsonl", color_questions(80, seed=0))
-    val = write_lines(tmp_path / "val.jsonl", color_questions(16, seed=1))
+    train = write_jsonl(tmp_path / "train.jsonl", color_questions(80, seed=0))
+    val = write_jsonl(tmp_path / "val.jsonl", color_questions(16, seed=1))
     assert len(read_examples(train)) == 80
     out = tmp_path / "out"
     config = base_config(

@@ -80,7 +80,7 @@ def score_choices(
                     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
                 last = logits[torch.arange(len(batch)), (lengths - 1).to(device)].float().cpu()
                 choice_logits = last[:, label_ids].masked_fill(~valid, float("-inf"))
-                draws.append(torch.softmax(choice_logits, dim=-1))
+                draws.append(torch.softmax(choice_logits.double(), dim=-1))
             stacked = torch.stack(draws)
             answers = torch.tensor([e["answer"] for e in batch])
             state.update(stacked.mean(0), answers, entropy(stacked).mean(0) if len(draws) > 1 else None)
@@ -114,7 +114,7 @@ def score_tokens(
             for _ in sampler.draws(n_samples):
                 with autocast():
                     logits = model(**inputs).logits[:, :-1]
-                probs = torch.softmax(logits[mask].float(), dim=-1)
+                probs = torch.softmax(logits[mask].double(), dim=-1)
                 prob_sum = probs if prob_sum is None else prob_sum + probs
                 draw_entropy_sum = entropy(probs) if draw_entropy_sum is None else draw_entropy_sum + entropy(probs)
                 count += 1
