@@ -7,6 +7,7 @@ closest valid one. Cross-key checks run at config validation, before any weights
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,35 @@ class BlobSettings(BaseModel):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         return reject_unknown_keys("blob", cls, data)
+
+
+class IvonSettings(BaseModel):
+    """The `ivon:` block. `learning_rate`, `adam_beta1`, `weight_decay`, `max_grad_norm` and the LR schedule are
+    Axolotl's own keys and keep their meaning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ess: float | None = Field(None, gt=0, description="effective sample size λ; default: the number of training examples")
+    hess_init: float = Field(3.0e-4, gt=0, description="h0, the initial Hessian estimate")
+    beta2: float = Field(0.99999, ge=0, lt=1, description="Hessian EMA rate")
+    mc_samples: int = Field(1, ge=1, description="weight samples per micro-batch (each its own forward/backward)")
+    clip_radius: float = Field(1.0e-3, gt=0, description="elementwise clip of the preconditioned update")
+    rescale_lr: bool = Field(False, description="scale the learning rate by (h0 + δ)")
+    eval_samples: int = Field(10, ge=0, description="posterior samples averaged at calibration; 0 = posterior mean")
+    seed: int = Field(0, description="seed of the optimizer's own noise generator (the same on every rank)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        return reject_unknown_keys("ivon", cls, data)
+
+
+def _deepspeed_config(value: Any) -> dict:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and Path(value).is_file():
+        return json.loads(Path(value).read_text())
+    return {}
 
 
 class CalibrationDataset(BaseModel):
@@ -115,7 +145,33 @@ class BlobPluginArgs(BaseModel):
     """Top-level keys the plugin adds to Axolotl's config."""
 
     blob: BlobSettings | None = None
+    ivon: IvonSettings | None = None
     calibration: CalibrationSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_ivon_combinations(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        optimizer = data.get("optimizer")
+        if data.get("ivon") is not None and optimizer != "ivon":
+            raise ValueError(f"an 'ivon:' block is set but optimizer is {optimizer!r}; set 'optimizer: ivon' or remove 'ivon:'")
+        if optimizer != "ivon":
+            return data
+        if data.get("adapter") == "blob":
+            raise ValueError(
+                "optimizer: ivon cannot be combined with adapter: blob: BLoB already learns a posterior over A by "
+                "backprop, IVON would put a second one over the same weights; use adapter: lora with IVON"
+            )
+        if "optimizer" in _deepspeed_config(data.get("deepspeed")):
+            raise ValueError(
+                "optimizer: ivon with a DeepSpeed config that has its own 'optimizer' section: DeepSpeed would "
+                "silently replace IVON; remove the 'optimizer' section from the DeepSpeed JSON"
+            )
+        for key in ("fsdp", "fsdp_config"):
+            if data.get(key):
+                raise ValueError(f"optimizer: ivon does not support '{key}' yet: its state is not sharded; use DDP")
+        return data
 
     @model_validator(mode="before")
     @classmethod

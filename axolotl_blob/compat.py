@@ -6,9 +6,10 @@
    LoRA treatment. Axolotl's fused LoRA kernels are *not* aliased: they bypass the layer forward.
 2. Multi-process runs on CPU-only machines (torchrun, gloo). Axolotl 0.19 maps every rank to device index
    LOCAL_RANK, which there is no device at all: the model is loaded on the CPU instead.
-3. CPU-only training arguments (:func:`cpu_training_args`): without `use_cpu` the HF Trainer refuses `bf16`
-   autocast on CPU, and in a multi-process run sees no distributed state and trains every rank on its own,
-   without DDP (the ranks silently drift apart). Axolotl has no config key for it.
+3. CPU-only machines need the Trainer told so, and Axolotl has no config key for it: without `use_cpu` the HF
+   Trainer refuses `bf16` autocast on CPU (:func:`cpu_training_args`), and without `ACCELERATE_USE_CPU`
+   accelerate sees no distributed state in a multi-process run and trains every rank on its own, without DDP:
+   the ranks silently drift apart (:func:`configure_cpu_runs`).
 Both patches are installed once per process and act only when their condition holds at call time.
 """
 
@@ -56,6 +57,11 @@ def cpu_multiprocess() -> bool:
 
 def cpu_training_args() -> dict:
     return {"use_cpu": True} if cpu_only() else {}
+
+
+def configure_cpu_runs() -> None:
+    if cpu_only():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def patch_model_loader() -> None:

@@ -14,12 +14,14 @@ from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 
-from axolotl_blob.args import BlobSettings, CalibrationSettings
+from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings
 from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, save_posterior
 from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
-from axolotl_blob.compat import cpu_training_args, patch_model_loader
+from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader
+from axolotl_blob.ivon.optimizer import IVON
+from axolotl_blob.ivon.trainer import IvonTrainerMixin, ivon_optimizer_kwargs
 
 LOG = get_logger(__name__)
 
@@ -28,13 +30,20 @@ def blob_settings(cfg: DictDefault) -> BlobSettings:
     return BlobSettings(**dict(cfg.blob or {}))
 
 
+def ivon_settings(cfg: DictDefault) -> IvonSettings:
+    return IvonSettings(**dict(cfg.ivon or {}))
+
+
 def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> CalibrationEvaluator:
     """The `calibration:` block with its sample count resolved: explicit, else the posterior source's own."""
     settings = CalibrationSettings(**dict(cfg.calibration))
     if samples is None:
         samples = settings.samples
     if samples is None:
-        samples = blob_settings(cfg).eval_samples if cfg.adapter == "blob" else 0
+        if cfg.optimizer == "ivon":
+            samples = ivon_settings(cfg).eval_samples
+        else:
+            samples = blob_settings(cfg).eval_samples if cfg.adapter == "blob" else 0
     return CalibrationEvaluator(settings, samples)
 
 
@@ -49,6 +58,7 @@ class BlobPlugin(BasePlugin):
 
     def register(self, cfg: dict):
         patch_model_loader()  # each patch acts only when its condition holds (compat.py)
+        configure_cpu_runs()
 
     def load_adapter(self, model, cfg: DictDefault, inference: bool = False, config_only: bool = False):
         """Build the PEFT LoRA model exactly as `adapter: lora` would, then put a posterior on every A."""
@@ -70,16 +80,34 @@ class BlobPlugin(BasePlugin):
         return model, lora_config
 
     def get_training_args(self, cfg: DictDefault) -> dict:
-        return cpu_training_args()
+        # `optimizer: ivon` must not reach TrainingArguments(optim=...): a placeholder, replaced in post_trainer_create
+        return {**cpu_training_args(), **({"optim": "adamw_torch"} if cfg.optimizer == "ivon" else {})}
 
     def get_trainer_cls(self, cfg: DictDefault):
-        if cfg.adapter != "blob":
+        if cfg.adapter != "blob" and cfg.optimizer != "ivon":
             return None
         from axolotl.core.trainers.base import AxolotlTrainer
         from axolotl.utils.import_helper import get_cls_from_module_str
 
-        base = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
-        return blob_trainer_cls(base, blob_settings(cfg))
+        trainer_cls = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
+        if cfg.adapter == "blob":
+            trainer_cls = blob_trainer_cls(trainer_cls, blob_settings(cfg))
+        if cfg.optimizer == "ivon":
+            trainer_cls = type(f"Ivon{trainer_cls.__name__}", (IvonTrainerMixin, trainer_cls), {"ivon_settings": ivon_settings(cfg)})
+        return trainer_cls
+
+    def post_trainer_create(self, cfg: DictDefault, trainer):
+        """IVON is built lazily by the Trainer (after any model wrapping) from `optimizer_cls_and_kwargs`."""
+        if cfg.optimizer != "ivon":
+            return
+        settings = ivon_settings(cfg)
+        ess = settings.ess or float(len(trainer.train_dataset))
+        kwargs = ivon_optimizer_kwargs(
+            settings, ess, beta1=trainer.args.adam_beta1, weight_decay=trainer.args.weight_decay,
+            distributed=trainer.args.world_size > 1,
+        )  # fmt: skip
+        trainer.optimizer_cls_and_kwargs = (IVON, {"lr": trainer.args.learning_rate, **kwargs})
+        LOG.info(f"IVON: ess={ess:g}, hess_init={settings.hess_init:g}, mc_samples={settings.mc_samples}")
 
     def add_callbacks_post_trainer(self, cfg: DictDefault, trainer) -> list:
         if not cfg.calibration:

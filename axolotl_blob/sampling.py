@@ -40,7 +40,14 @@ class BlobSampler:
                 yield
 
 
-def sampler_for(model: nn.Module) -> PosteriorSampler:
+def sampler_for(model: nn.Module, optimizer=None) -> PosteriorSampler:
+    """The model's posterior source: IVON's optimizer state, BLoB layers, or none (a point estimate)."""
+    from axolotl_blob.ivon.optimizer import IVON
+    from axolotl_blob.ivon.trainer import IvonSampler, unwrap_optimizer
+
+    optimizer = unwrap_optimizer(optimizer)
+    if isinstance(optimizer, IVON):
+        return IvonSampler(optimizer)
     return BlobSampler(model) if next(blob_layers(model), None) else DeterministicSampler()
 
 

@@ -101,3 +101,35 @@ def test_token_calibration_needs_an_eval_split(tiny_model_dir, completion_data, 
     config = base_config(tiny_model_dir, completion_data, tmp_path / "out", val_set_size=0.0, calibration={"mode": "tokens"})
     with pytest.raises(Exception, match="calibration.mode 'tokens' needs an eval split: set val_set_size or test_datasets"):
         validate(tmp_path, config)
+
+
+def ivon_base(tiny_model_dir, completion_data, tmp_path, **overrides) -> dict:
+    config = base_config(
+        tiny_model_dir, completion_data, tmp_path / "out", adapter="lora", optimizer="ivon", lora_qkv_kernel=False,
+        lora_o_kernel=False, lora_mlp_kernel=False,
+    )  # fmt: skip
+    del config["blob"]
+    config.update(overrides)
+    return config
+
+
+def test_ivon_bad_inputs(tiny_model_dir, completion_data, tmp_path):
+    deepspeed_json = tmp_path / "ds.json"
+    deepspeed_json.write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}')
+    cases = [
+        ({"ivon": {"hess_int": 0.1}}, "unknown key 'ivon.hess_int'. Did you mean 'ivon.hess_init'?"),
+        ({"ivon": {"ess": 0}}, r"ivon.ess\n  Input should be greater than 0"),
+        ({"ivon": {"beta2": 1.0}}, r"ivon.beta2\n  Input should be less than 1"),
+        ({"ivon": {"mc_samples": 0}}, r"ivon.mc_samples\n  Input should be greater than or equal to 1"),
+        ({"optimizer": "adamw_torch", "ivon": {}}, "an 'ivon:' block is set but optimizer is 'adamw_torch'"),
+        ({"adapter": "blob"}, "optimizer: ivon cannot be combined with adapter: blob"),
+        ({"deepspeed": str(deepspeed_json)}, "DeepSpeed would silently replace IVON"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(Exception, match=message):
+            validate(tmp_path, ivon_base(tiny_model_dir, completion_data, tmp_path, **overrides))
+
+
+def test_valid_ivon_config(tiny_model_dir, completion_data, tmp_path):
+    cfg = validate(tmp_path, ivon_base(tiny_model_dir, completion_data, tmp_path, ivon={"ess": 1e6}))
+    assert cfg.optimizer == "ivon" and cfg.ivon["ess"] == 1e6

@@ -36,7 +36,8 @@ class CalibrationCallback(TrainerCallback):
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         batches = trainer.get_eval_dataloader() if self.evaluator.settings.mode == "tokens" else None
-        reports = self.evaluator.evaluate(model, trainer.processing_class, sampler_for(model), batches, autocast_for(trainer))
+        sampler = sampler_for(model, trainer.optimizer)
+        reports = self.evaluator.evaluate(model, trainer.processing_class, sampler, batches, autocast_for(trainer))
         self.last_step, self.last_reports = step, reports
         if trainer.is_world_process_zero():
             self.evaluator.save(reports, Path(trainer.args.output_dir) / "calibration", step)

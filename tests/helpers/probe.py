@@ -1,5 +1,5 @@
 """Test-only Axolotl plugin that records what the run built: base layer types after loading, and every rank's
-adapter and posterior after training (to compare ranks)."""
+adapter, posterior and IVON state after training (to compare ranks)."""
 
 import json
 import os
@@ -8,6 +8,23 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+
+class OptimizerStateDump(TrainerCallback):
+    """At the end of training, every rank writes its IVON means and Hessians, keyed by parameter name."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        tensors = {}
+        for name, param in self.trainer.model.named_parameters():
+            if param in optimizer.state and "hess" in optimizer.state[param]:
+                tensors[f"hess.{name}"] = optimizer.state[param]["hess"].contiguous()
+                tensors[f"mean.{name}"] = optimizer.posterior_mean(param).detach().float().contiguous()
+        save_file(tensors, Path(args.output_dir) / f"rank{os.environ.get('RANK', '0')}_ivon.safetensors")
 
 
 class ProbePlugin(BasePlugin):
@@ -15,6 +32,9 @@ class ProbePlugin(BasePlugin):
         base_types = sorted({type(m.get_base_layer()).__name__ for m in model.modules() if isinstance(m, LoraLayer)})
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "probe_layers.json").write_text(json.dumps(base_types))
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        return [OptimizerStateDump(trainer)] if cfg.optimizer == "ivon" else []
 
     def post_train(self, cfg, model):
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k or "blob_G" in k}

@@ -1,0 +1,80 @@
+"""IVON inside the Hugging Face Trainer: a weight sample around every micro-batch's forward and backward.
+
+Each `training_step` (forward + backward of one micro-batch) runs inside ``sampled_params(train=True)``, so with
+gradient accumulation every micro-batch is its own Monte-Carlo sample; entering the next sample folds the previous
+one's gradient in. The last sample's gradient is read by ``step()`` after the Trainer has clipped it. The Trainer
+scales each micro-batch loss by its share of the batch, hence ``grad_reduction="sum"``. Outside training steps the
+parameters hold the posterior mean: evaluation, checkpoints and the saved adapter see m.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.optim import Optimizer
+
+from axolotl_blob.args import IvonSettings
+from axolotl_blob.ivon.optimizer import IVON
+
+
+def unwrap_optimizer(optimizer: Optimizer | None) -> Optimizer | None:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class IvonSampler:
+    """IVON's posterior: each draw puts θ ~ N(m, σ²) into the parameters and restores m afterwards."""
+
+    def __init__(self, optimizer: IVON):
+        self.optimizer = optimizer
+
+    def draws(self, n_samples: int) -> Iterator[None]:
+        if n_samples == 0:
+            yield
+            return
+        for _ in range(n_samples):
+            with self.optimizer.sampled_params(train=False):
+                yield
+
+
+def ivon_optimizer_kwargs(settings: IvonSettings, ess: float, beta1: float, weight_decay: float, distributed: bool) -> dict:
+    return {
+        "ess": ess,
+        "hess_init": settings.hess_init,
+        "beta1": beta1,
+        "beta2": settings.beta2,
+        "weight_decay": weight_decay,
+        "mc_samples": settings.mc_samples,
+        "clip_radius": settings.clip_radius,
+        "rescale_lr": settings.rescale_lr,
+        "grad_reduction": "sum",
+        "sync": distributed,  # micro-batches under no_sync fold rank-local gradients: average ĝ, ĥ at step()
+        "seed": settings.seed,
+    }
+
+
+class IvonTrainerMixin:
+    """Mixed in front of the Trainer class; `ivon_settings` is set by the factory in the plugin."""
+
+    ivon_settings: IvonSettings
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        optimizer = unwrap_optimizer(self.optimizer)
+        samples = self.ivon_settings.mc_samples
+        losses = []
+        for _ in range(samples):
+            with optimizer.sampled_params(train=True):
+                self._ivon_loss_scale = 1.0 / samples
+                losses.append(super().training_step(model, inputs, num_items_in_batch))
+        self._ivon_loss_scale = 1.0
+        return torch.stack(losses).sum()  # each already scaled by 1/mc_samples
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        scale = getattr(self, "_ivon_loss_scale", 1.0)
+        if scale == 1.0 or not model.training:
+            return result
+        if return_outputs:
+            return result[0] * scale, result[1]
+        return result * scale
