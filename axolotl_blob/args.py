@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,23 +17,30 @@ from axolotl_blob.blob.model import missing_posterior_files
 from axolotl_blob.multiple_choice import read_examples
 
 
-def reject_unknown_keys(block: str, model: type[BaseModel], data: Any) -> Any:
-    """Raise a ValueError naming each unknown `block.key`, its closest valid key and the allowed keys."""
-    if not isinstance(data, dict):
-        return data
-    allowed = list(model.model_fields)
-    for key in data:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" Did you mean '{block}.{close[0]}'?" if close else ""
-            raise ValueError(f"unknown key '{block}.{key}'.{hint} Allowed keys: {', '.join(allowed)}")
-    return data
-
-
-class BlobSettings(BaseModel):
-    """The `blob:` block: BLoB's prior, posterior initialisation, KL schedule and sample counts."""
+class StrictBlock(BaseModel):
+    """A YAML block that rejects unknown keys, naming `block.key`, the closest valid key and the allowed ones."""
 
     model_config = ConfigDict(extra="forbid")
+    block: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        allowed = list(cls.model_fields)
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" Did you mean '{cls.block}.{close[0]}'?" if close else ""
+                raise ValueError(f"unknown key '{cls.block}.{key}'.{hint} Allowed keys: {', '.join(allowed)}")
+        return data
+
+
+class BlobSettings(StrictBlock):
+    """The `blob:` block: BLoB's prior, posterior initialisation, KL schedule and sample counts."""
+
+    block = "blob"
 
     prior_std: float = Field(0.2, gt=0, description="β, std of the N(0, β²) prior on A")
     init_std: float = Field(0.05, gt=0, description="ε: G starts uniform in [ε/√2, ε], σ = G²")
@@ -51,17 +58,12 @@ class BlobSettings(BaseModel):
         description="with lora_model_dir holding a plain LoRA adapter: start σ fresh instead of failing",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        return reject_unknown_keys("blob", cls, data)
 
-
-class IvonSettings(BaseModel):
+class IvonSettings(StrictBlock):
     """The `ivon:` block. `learning_rate`, `adam_beta1`, `weight_decay`, `max_grad_norm` and the LR schedule are
     Axolotl's own keys and keep their meaning."""
 
-    model_config = ConfigDict(extra="forbid")
+    block = "ivon"
 
     ess: float | None = Field(None, gt=0, description="effective sample size λ; default: the number of training examples")
     hess_init: float = Field(3.0e-4, gt=0, description="h0, the initial Hessian estimate")
@@ -72,11 +74,6 @@ class IvonSettings(BaseModel):
     eval_samples: int = Field(10, ge=0, description="posterior samples averaged at calibration; 0 = posterior mean")
     seed: int = Field(0, description="seed of the optimizer's own noise generator (the same on every rank)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        return reject_unknown_keys("ivon", cls, data)
-
 
 def _deepspeed_config(value: Any) -> dict:
     if isinstance(value, dict):
@@ -86,28 +83,23 @@ def _deepspeed_config(value: Any) -> dict:
     return {}
 
 
-class CalibrationDataset(BaseModel):
+class CalibrationDataset(StrictBlock):
     """One multiple-choice JSONL file to evaluate."""
 
-    model_config = ConfigDict(extra="forbid")
+    block = "calibration.datasets[]"
 
     path: str
     name: str | None = Field(None, description="names the metrics when there are several datasets; default: file stem")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        return reject_unknown_keys("calibration.datasets[]", cls, data)
 
     @property
     def label(self) -> str:
         return self.name or Path(self.path).stem
 
 
-class CalibrationSettings(BaseModel):
+class CalibrationSettings(StrictBlock):
     """The `calibration:` block: what to evaluate, how, and when (every Axolotl evaluation, and at the end)."""
 
-    model_config = ConfigDict(extra="forbid")
+    block = "calibration"
 
     datasets: list[CalibrationDataset] = Field(default_factory=list, description="multiple-choice JSONL files (mode choices)")
     mode: Literal["choices", "tokens"] = Field(
@@ -118,11 +110,6 @@ class CalibrationSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
     plots: bool = Field(True, description="write a reliability-diagram PNG per dataset and evaluation")
     at_end: bool = Field(True, description="also evaluate once when training ends")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        return reject_unknown_keys("calibration", cls, data)
 
     @model_validator(mode="after")
     def _datasets_fit_the_mode(self) -> "CalibrationSettings":

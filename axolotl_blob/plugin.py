@@ -21,7 +21,7 @@ from axolotl_blob.calibration.callback import CalibrationCallback
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader
 from axolotl_blob.ivon.optimizer import IVON
-from axolotl_blob.ivon.trainer import IvonTrainerMixin, ivon_optimizer_kwargs
+from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
 
 LOG = get_logger(__name__)
 
@@ -48,7 +48,7 @@ def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> Calib
 
 
 class BlobPlugin(BasePlugin):
-    """`adapter: blob` — Bayesian LoRA by backpropagation (BLoB)."""
+    """`adapter: blob` (Bayesian LoRA by backpropagation), `optimizer: ivon` and the `calibration:` evaluation."""
 
     def get_input_args(self) -> str:
         return "axolotl_blob.args.BlobPluginArgs"
@@ -93,7 +93,7 @@ class BlobPlugin(BasePlugin):
         if cfg.adapter == "blob":
             trainer_cls = blob_trainer_cls(trainer_cls, blob_settings(cfg))
         if cfg.optimizer == "ivon":
-            trainer_cls = type(f"Ivon{trainer_cls.__name__}", (IvonTrainerMixin, trainer_cls), {"ivon_settings": ivon_settings(cfg)})
+            trainer_cls = ivon_trainer_cls(trainer_cls, ivon_settings(cfg))
         return trainer_cls
 
     def post_trainer_create(self, cfg: DictDefault, trainer):

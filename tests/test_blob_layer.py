@@ -228,3 +228,20 @@ def test_gradient_checkpointing_replays_the_same_noise(tiny_model_dir):
     assert plain.keys() == checkpointed.keys() and any("blob_G" in name for name in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sampled_outputs_do_not_depend_on_the_attention_implementation(tiny_model_dir):
+    """The posterior lives in the linear layers, so eager and sdpa attention see the same draws."""
+    from transformers import AutoModelForCausalLM
+
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        bayesianize(model, init_std=0.3)
+        ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        with posterior_sampling(model, enabled=True):
+            outputs[implementation] = model(input_ids=ids).logits
+    torch.testing.assert_close(outputs["eager"], outputs["sdpa"], rtol=1e-4, atol=1e-4)

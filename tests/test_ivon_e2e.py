@@ -36,6 +36,7 @@ def ivon_config(model_dir, data, out: Path, **overrides) -> dict:
         ivon={"ess": 2000.0, "hess_init": 0.01, "clip_radius": 0.01, "eval_samples": 3},
         calibration={"mode": "tokens", "plots": False},
         plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin"],
+        bf16=True,  # CPU autocast: the sampled weights and the update must survive it
     )
     del config["blob"]
     config.update(overrides)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch.optim import Optimizer
 
+from transformers import Trainer
+
 from axolotl_blob.args import IvonSettings
 from axolotl_blob.ivon.optimizer import IVON
 
@@ -78,3 +80,8 @@ class IvonTrainerMixin:
         if return_outputs:
             return result[0] * scale, result[1]
         return result * scale
+
+
+def ivon_trainer_cls(base: type[Trainer], settings: IvonSettings) -> type[Trainer]:
+    """A subclass of `base` that samples IVON's weights around every micro-batch."""
+    return type(f"Ivon{base.__name__}", (IvonTrainerMixin, base), {"ivon_settings": settings})
