@@ -147,3 +147,25 @@ def test_quantized_base_is_loaded_like_adapter_lora(quantization, layer, tiny_mo
     history = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert all(math.isfinite(entry["loss"]) and entry["kl"] > 0 for entry in history if "loss" in entry)
     assert (tmp_path / "out" / "blob_posterior.safetensors").is_file()
+
+
+def test_axolotl_merge_lora_merges_the_posterior_mean(trained, tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import OFFLINE_ENV
+
+    config = yaml.safe_load((trained.parent / "config.yml").read_text())
+    config["output_dir"] = str(tmp_path / "merge-out")
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "axolotl.cli.merge_lora", str(tmp_path / "config.yml"), f"--lora_model_dir={trained}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merge-out" / "merged").eval()
+    mean = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained).eval()
+    ids = torch.tensor([[1, 5, 9, 12, 20, 7]])
+    torch.testing.assert_close(merged(input_ids=ids).logits, mean(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

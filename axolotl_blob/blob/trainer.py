@@ -74,11 +74,10 @@ class BlobTrainerMixin:
         settings = self.blob_settings
         if not model.training and settings.eval_samples > 0 and "labels" in inputs:
             return self._bma_eval_loss(model, inputs, return_outputs)
-        if model.training and settings.train_samples > 1:
-            losses = [
-                super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-                for _ in range(settings.train_samples)
-            ]
+        if model.training and settings.train_samples > 1 and not return_outputs:
+            losses = []
+            for _ in range(settings.train_samples):  # a loop: zero-argument super() fails inside a comprehension
+                losses.append(super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch))
             return torch.stack(losses).mean()
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
