@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         parser.error("--samples must be >= 0")
 
     torch.manual_seed(cfg.seed or 0)
-    model = load_adapter_model(cfg, args.adapter)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.bf16 is True else contextlib.nullcontext
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_adapter_model(cfg, args.adapter).to(device)
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.bf16 is True else contextlib.nullcontext
     reports = evaluator.evaluate(model, load_tokenizer(cfg), sampler_for(model), autocast=autocast)
     print(format_table(reports, evaluator.n_samples))
     summary = {name: {m: report[m] for m in (*TABLE_METRICS, "n")} for name, report in reports.items()}
