@@ -66,7 +66,9 @@ class IvonSettings(StrictBlock):
     block = "ivon"
 
     ess: float | None = Field(None, gt=0, description="effective sample size λ; default: the number of training examples")
-    hess_init: float = Field(3.0e-4, gt=0, description="h0, the initial Hessian estimate")
+    hess_init: float = Field(
+        1.0, gt=0, description="h0, the initial Hessian estimate; σ starts at 1/sqrt(ess·(h0 + weight_decay))"
+    )
     beta2: float = Field(0.99999, ge=0, lt=1, description="Hessian EMA rate")
     mc_samples: int = Field(1, ge=1, description="weight samples per micro-batch (each its own forward/backward)")
     clip_radius: float = Field(1.0e-3, gt=0, description="elementwise clip of the preconditioned update")
@@ -155,9 +157,18 @@ class BlobPluginArgs(BaseModel):
                 "optimizer: ivon with a DeepSpeed config that has its own 'optimizer' section: DeepSpeed would "
                 "silently replace IVON; remove the 'optimizer' section from the DeepSpeed JSON"
             )
-        for key in ("fsdp", "fsdp_config"):
+        for key, why in (
+            ("deepspeed", "ZeRO hands the optimizer flat partitions the forward never uses; use DDP"),
+            ("fsdp", "its state is not sharded yet; use DDP"),
+            ("fsdp_config", "its state is not sharded yet; use DDP"),
+            ("fp16", "the loss scaler would unscale only the last MC sample's gradient; use bf16 or fp32"),
+            ("load_best_model_at_end", "the best checkpoint's weights would meet the last step's Hessian; remove it"),
+            ("rl", "IVON's Trainer integration is for supervised (SFT / pretraining) training; remove 'rl'"),
+            ("reward_model", "IVON's Trainer integration is for causal-LM training; remove 'reward_model'"),
+            ("process_reward_model", "IVON's Trainer integration is for causal-LM training; remove it"),
+        ):
             if data.get(key):
-                raise ValueError(f"optimizer: ivon does not support '{key}' yet: its state is not sharded; use DDP")
+                raise ValueError(f"optimizer: ivon cannot be combined with '{key}': {why}")
         return data
 
     @model_validator(mode="before")
@@ -182,6 +193,11 @@ class BlobPluginArgs(BaseModel):
             ("rl", "BLoB trains supervised (SFT / pretraining) objectives; remove 'rl'"),
             ("peft_use_dora", "BLoB's posterior is over LoRA's A factor and has no DoRA form; remove 'peft_use_dora'"),
             ("reward_model", "BLoB trains causal-LM objectives; remove 'reward_model'"),
+            ("process_reward_model", "BLoB trains causal-LM objectives; remove 'process_reward_model'"),
+            ("deepspeed", "the KL step edits weights in place, which ZeRO's master copies would overwrite; use DDP"),
+            ("fsdp", "the posterior is saved and restored unsharded; use DDP"),
+            ("fsdp_config", "the posterior is saved and restored unsharded; use DDP"),
+            ("load_best_model_at_end", "the best checkpoint's mean would meet the last step's σ; remove it"),
             ("lora_target_parameters", "BLoB wraps linear modules; use lora_target_modules instead"),
             *(
                 (kernel, "Axolotl's fused LoRA kernels bypass the BLoB layer's forward; remove it")

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     model = load_adapter_model(cfg, args.adapter).to(device)
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.bf16 is True else contextlib.nullcontext
     reports = evaluator.evaluate(model, load_tokenizer(cfg), sampler_for(model), autocast=autocast)
-    print(format_table(reports, evaluator.n_samples))
-    summary = {name: {m: report[m] for m in (*TABLE_METRICS, "n")} for name, report in reports.items()}
+    print(format_table(reports))
+    summary = {name: {m: report[m] for m in (*TABLE_METRICS, "n", "n_samples")} for name, report in reports.items()}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return summary

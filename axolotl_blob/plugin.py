@@ -107,12 +107,17 @@ class BlobPlugin(BasePlugin):
             distributed=trainer.args.world_size > 1,
         )  # fmt: skip
         trainer.optimizer_cls_and_kwargs = (IVON, {"lr": trainer.args.learning_rate, **kwargs})
-        LOG.info(f"IVON: ess={ess:g}, hess_init={settings.hess_init:g}, mc_samples={settings.mc_samples}")
+        initial_std = (ess * (settings.hess_init + trainer.args.weight_decay)) ** -0.5
+        LOG.info(f"IVON: ess={ess:g}, hess_init={settings.hess_init:g}, mc_samples={settings.mc_samples}, initial σ={initial_std:.3g}")
+        if initial_std > 0.1:
+            LOG.warning(f"IVON starts with σ = {initial_std:.3g}, larger than typical weights: raise ivon.ess or ivon.hess_init")
 
     def add_callbacks_post_trainer(self, cfg: DictDefault, trainer) -> list:
         if not cfg.calibration:
             return []
-        return [CalibrationCallback(trainer, calibration_evaluator(cfg))]
+        evaluator = calibration_evaluator(cfg)
+        evaluator.check_tokenizer(trainer.processing_class)  # fail now, not after training
+        return [CalibrationCallback(trainer, evaluator)]
 
     def post_train(self, cfg: DictDefault, model):
         """Axolotl saves the final adapter with `model.save_pretrained`; the posterior goes beside it."""

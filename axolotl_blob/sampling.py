@@ -20,12 +20,18 @@ class PosteriorSampler(Protocol):
     def draws(self, n_samples: int) -> Iterator[None]:
         """Yield once per posterior draw with the model set to that draw (once at the mean when n = 0)."""
 
+    def samples_used(self, n_samples: int) -> int:
+        """How many posterior samples `draws(n_samples)` really averages (0: one pass at a point)."""
+
 
 class DeterministicSampler:
     """A point-estimate model (plain LoRA): one pass, whatever N is asked for."""
 
     def draws(self, n_samples: int) -> Iterator[None]:
         yield
+
+    def samples_used(self, n_samples: int) -> int:
+        return 0
 
 
 class BlobSampler:
@@ -38,6 +44,9 @@ class BlobSampler:
         with posterior_sampling(self.model, enabled=n_samples > 0):
             for _ in range(max(n_samples, 1)):
                 yield
+
+    def samples_used(self, n_samples: int) -> int:
+        return n_samples
 
 
 def sampler_for(model: nn.Module, optimizer=None) -> PosteriorSampler:

@@ -29,14 +29,35 @@ def model_and_tokenizer(tiny_model_dir):
     return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def one_at_a_time(model, tokenizer, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+class ScaledAdapterSampler:
+    """Deterministic 'draws': draw k scales every lora_B by (k + 1), so batching cannot change a draw."""
+
+    def __init__(self, model):
+        self.weights = [p for n, p in model.named_parameters() if "lora_B" in n]
+
+    def draws(self, n_samples):
+        for k in range(n_samples):
+            with torch.no_grad():
+                for w in self.weights:
+                    w.mul_(k + 1)
+            yield
+            with torch.no_grad():
+                for w in self.weights:
+                    w.div_(k + 1)
+
+    def samples_used(self, n_samples):
+        return n_samples
+
+
+def one_at_a_time(model, tokenizer, draws: int, sampler=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: each example alone, no padding, probabilities over its own labels averaged over draws."""
-    rows, entropies = [], []
+    rows = []
+    sampler = sampler or BlobSampler(model)
     for example in EXAMPLES:
         ids = torch.tensor([prompt_token_ids(tokenizer, format_prompt(example["question"], example["choices"]))])
         labels = label_token_ids(tokenizer, len(example["choices"]))
         per_draw = []
-        for _ in BlobSampler(model).draws(draws):
+        for _ in sampler.draws(draws):
             per_draw.append(torch.softmax(model(input_ids=ids).logits[0, -1, labels].float(), -1))
         probs = torch.stack(per_draw).mean(0)
         rows.append(torch.nn.functional.pad(probs, (0, 4 - len(probs))))
@@ -52,7 +73,21 @@ def test_batched_right_padded_scoring_equals_one_example_at_a_time(model_and_tok
     assert got.compute() == pytest.approx(expected.compute(), abs=1e-5)
 
 
-def test_sampled_scoring_averages_probabilities_of_the_same_draws(model_and_tokenizer):
+def test_scoring_averages_the_probabilities_of_the_draws(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    sampler = ScaledAdapterSampler(model)
+    with torch.no_grad():
+        probs, labels = one_at_a_time(model, tokenizer, draws=3, sampler=sampler)
+    expected = CalibrationState(10)
+    expected.update(probs, labels)
+    got = score_choices(model, tokenizer, EXAMPLES, sampler, n_samples=3, n_bins=10, batch_size=2).compute()
+    metrics = expected.compute()
+    for name in ("acc", "ece", "nll", "brier", "confidence", "entropy"):
+        assert got[name] == pytest.approx(metrics[name], abs=1e-5), name
+    assert got["mutual_info"] > 0
+
+
+def test_blob_sampled_scoring_differs_from_the_mean_and_has_epistemic_uncertainty(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     torch.manual_seed(5)
     sampled = score_choices(model, tokenizer, EXAMPLES, BlobSampler(model), n_samples=3, batch_size=8).compute()

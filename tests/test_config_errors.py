@@ -21,6 +21,8 @@ BAD_INPUTS = [
     ("blob with RL", {"rl": "dpo"}, "adapter: blob cannot be combined with 'rl'"),
     ("blob with DoRA", {"peft_use_dora": True}, "adapter: blob cannot be combined with 'peft_use_dora'"),
     ("blob with fused LoRA kernels", {"lora_qkv_kernel": True}, "adapter: blob cannot be combined with 'lora_qkv_kernel'"),
+    ("blob with DeepSpeed", {"deepspeed": "zero2.json"}, "adapter: blob cannot be combined with 'deepspeed': the KL step"),
+    ("blob with best-model reload", {"load_best_model_at_end": True}, "adapter: blob cannot be combined with 'load_best_model_at_end'"),
 ]
 
 
@@ -124,6 +126,8 @@ def test_ivon_bad_inputs(tiny_model_dir, completion_data, tmp_path):
         ({"optimizer": "adamw_torch", "ivon": {}}, "an 'ivon:' block is set but optimizer is 'adamw_torch'"),
         ({"adapter": "blob"}, "optimizer: ivon cannot be combined with adapter: blob"),
         ({"deepspeed": str(deepspeed_json)}, "DeepSpeed would silently replace IVON"),
+        ({"fp16": True}, "optimizer: ivon cannot be combined with 'fp16': the loss scaler"),
+        ({"rl": "dpo"}, "optimizer: ivon cannot be combined with 'rl'"),
     ]
     for overrides, message in cases:
         with pytest.raises(Exception, match=message):

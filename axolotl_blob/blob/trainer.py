@@ -8,6 +8,7 @@ every rank, and is independent of gradient accumulation and loss scaling.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from axolotl_blob.sampling import BlobSampler, bma_log_probs, bma_token_nll, nex
 
 def optimizer_steps_per_epoch(args: TrainingArguments, train_dataloader: Any) -> int | None:
     try:
-        return max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
+        return max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)  # as the Trainer counts
     except TypeError:  # an iterable dataset has no length
         return None
 

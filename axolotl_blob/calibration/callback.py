@@ -41,7 +41,7 @@ class CalibrationCallback(TrainerCallback):
         self.last_step, self.last_reports = step, reports
         if trainer.is_world_process_zero():
             self.evaluator.save(reports, Path(trainer.args.output_dir) / "calibration", step)
-            print(format_table(reports, self.evaluator.n_samples), flush=True)
+            print(format_table(reports), flush=True)
         metrics = self.evaluator.metric_names(reports)
         trainer.log(metrics)
         return metrics

@@ -12,7 +12,7 @@ from torch import nn
 from axolotl_blob.args import CalibrationSettings
 from axolotl_blob.calibration.report import dataset_report, reliability_diagram, write_json
 from axolotl_blob.calibration.scoring import AutocastFactory, score_choices, score_tokens
-from axolotl_blob.multiple_choice import read_examples
+from axolotl_blob.multiple_choice import label_token_ids, read_examples
 from axolotl_blob.sampling import PosteriorSampler
 
 TOKENS_DATASET = "tokens"
@@ -26,6 +26,11 @@ class CalibrationEvaluator:
     def __post_init__(self):
         self.examples = {d.label: read_examples(d.path) for d in self.settings.datasets}
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Every answer label must be one token of this tokenizer (raises ValueError naming the label)."""
+        for examples in self.examples.values():
+            label_token_ids(tokenizer, max(len(e["choices"]) for e in examples))
+
     def evaluate(
         self,
         model: nn.Module,
@@ -36,12 +41,14 @@ class CalibrationEvaluator:
     ) -> dict[str, dict]:
         """{dataset name: metrics and per-bin statistics}; identical on every rank."""
         s = self.settings
+        used = sampler.samples_used(self.n_samples)
         if s.mode == "tokens":
             state = score_tokens(model, eval_batches, sampler, self.n_samples, s.n_bins, autocast)
-            return {TOKENS_DATASET: dataset_report(state)}
+            return {TOKENS_DATASET: dataset_report(state, used)}
         return {
             name: dataset_report(
-                score_choices(model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast)
+                score_choices(model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast),
+                used,
             )
             for name, examples in self.examples.items()
         }
@@ -53,12 +60,12 @@ class CalibrationEvaluator:
             f"{prefix}_{metric}" if single else f"{prefix}_{name}_{metric}": value
             for name, report in reports.items()
             for metric, value in report.items()
-            if metric not in ("bins", "n")
+            if metric not in ("bins", "n", "n_samples")
         }
 
     def save(self, reports: dict[str, dict], directory: Path, step: int) -> None:
-        write_json(directory / f"step-{step}.json", step, self.n_samples, self.settings.n_bins, self.settings.mode, reports)
+        write_json(directory / f"step-{step}.json", step, self.settings.n_bins, self.settings.mode, reports)
         if self.settings.plots:
             for name, report in reports.items():
-                title = f"{name}, step {step}, N = {self.n_samples}"
+                title = f"{name}, step {step}, N = {report['n_samples']}"
                 reliability_diagram(report, title, directory / f"{name}-step-{step}.png")

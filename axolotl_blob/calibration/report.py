@@ -12,16 +12,18 @@ TABLE_METRICS = ("acc", "ece", "mce", "nll", "brier", "confidence", "entropy", "
 CONFIDENCE_DEFINITION = "top-label probability max_k p_k of the posterior-averaged predictive distribution"
 
 
-def dataset_report(state: CalibrationState) -> dict:
-    return {**state.compute(), "bins": state.bins()}
+def dataset_report(state: CalibrationState, n_samples: int) -> dict:
+    """Metrics, per-bin statistics and N, the number of posterior samples actually averaged (0: one pass at the
+    posterior mean or a point estimate)."""
+    return {**state.compute(), "n_samples": n_samples, "bins": state.bins()}
 
 
-def write_json(path: Path, step: int, n_samples: int, n_bins: int, mode: str, reports: dict[str, dict]) -> None:
+def write_json(path: Path, step: int, n_bins: int, mode: str, reports: dict[str, dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "step": step,
         "mode": mode,
-        "n_samples": n_samples,
+        "n_samples": next(iter(reports.values()))["n_samples"],
         "n_bins": n_bins,
         "confidence": CONFIDENCE_DEFINITION,
         "datasets": reports,
@@ -57,11 +59,11 @@ def reliability_diagram(report: dict, title: str, path: Path) -> None:
     plt.close(figure)
 
 
-def format_table(reports: dict[str, dict], n_samples: int) -> str:
+def format_table(reports: dict[str, dict]) -> str:
     header = ["dataset", "n", *TABLE_METRICS]
     rows = [[name, str(r["n"]), *(f"{r[m]:.4f}" for m in TABLE_METRICS)] for name, r in reports.items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [f"calibration (posterior samples N = {n_samples})"]
+    lines = [f"calibration (posterior samples N = {next(iter(reports.values()))['n_samples']})"]
     for row in [header, *rows]:
         lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     return "\n".join(lines)

@@ -114,7 +114,7 @@ def score_tokens(
             for _ in sampler.draws(n_samples):
                 with autocast():
                     logits = model(**inputs).logits[:, :-1]
-                probs = torch.softmax(logits[mask].double(), dim=-1)
+                probs = torch.softmax(logits[mask].float(), dim=-1)  # fp32: (tokens × vocabulary) per draw
                 prob_sum = probs if prob_sum is None else prob_sum + probs
                 draw_entropy_sum = entropy(probs) if draw_entropy_sum is None else draw_entropy_sum + entropy(probs)
                 count += 1

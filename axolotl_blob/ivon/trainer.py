@@ -39,6 +39,9 @@ class IvonSampler:
             with self.optimizer.sampled_params(train=False):
                 yield
 
+    def samples_used(self, n_samples: int) -> int:
+        return n_samples
+
 
 def ivon_optimizer_kwargs(settings: IvonSettings, ess: float, beta1: float, weight_decay: float, distributed: bool) -> dict:
     return {
