@@ -77,6 +77,13 @@ class IvonSettings(StrictBlock):
     seed: int = Field(0, description="seed of the optimizer's own noise generator (the same on every rank)")
 
 
+def reject_keys(data: dict, feature: str, rows: tuple[tuple[str, str], ...]) -> None:
+    """Raise for the first (key, reason) row whose key is set: the feature cannot be combined with it."""
+    for key, why in rows:
+        if data.get(key):
+            raise ValueError(f"{feature} cannot be combined with '{key}': {why}")
+
+
 def _deepspeed_config(value: Any) -> dict:
     if isinstance(value, dict):
         return value
@@ -157,7 +164,7 @@ class BlobPluginArgs(BaseModel):
                 "optimizer: ivon with a DeepSpeed config that has its own 'optimizer' section: DeepSpeed would "
                 "silently replace IVON; remove the 'optimizer' section from the DeepSpeed JSON"
             )
-        for key, why in (
+        reject_keys(data, "optimizer: ivon", (
             ("deepspeed", "ZeRO hands the optimizer flat partitions the forward never uses; use DDP"),
             ("fsdp", "its state is not sharded yet; use DDP"),
             ("fsdp_config", "its state is not sharded yet; use DDP"),
@@ -166,9 +173,7 @@ class BlobPluginArgs(BaseModel):
             ("rl", "IVON's Trainer integration is for supervised (SFT / pretraining) training; remove 'rl'"),
             ("reward_model", "IVON's Trainer integration is for causal-LM training; remove 'reward_model'"),
             ("process_reward_model", "IVON's Trainer integration is for causal-LM training; remove it"),
-        ):
-            if data.get(key):
-                raise ValueError(f"optimizer: ivon cannot be combined with '{key}': {why}")
+        ))  # fmt: skip
         return data
 
     @model_validator(mode="before")
@@ -189,7 +194,7 @@ class BlobPluginArgs(BaseModel):
             raise ValueError(f"a 'blob:' block is set but adapter is {adapter!r}; set 'adapter: blob' or remove 'blob:'")
         if adapter != "blob":
             return data
-        for key, why in (
+        reject_keys(data, "adapter: blob", (
             ("rl", "BLoB trains supervised (SFT / pretraining) objectives; remove 'rl'"),
             ("peft_use_dora", "BLoB's posterior is over LoRA's A factor and has no DoRA form; remove 'peft_use_dora'"),
             ("reward_model", "BLoB trains causal-LM objectives; remove 'reward_model'"),
@@ -203,9 +208,7 @@ class BlobPluginArgs(BaseModel):
                 (kernel, "Axolotl's fused LoRA kernels bypass the BLoB layer's forward; remove it")
                 for kernel in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
             ),
-        ):
-            if data.get(key):
-                raise ValueError(f"adapter: blob cannot be combined with '{key}': {why}")
+        ))  # fmt: skip
         settings = data.get("blob") or {}
         model_dir = data.get("lora_model_dir")
         if model_dir and not (isinstance(settings, dict) and settings.get("init_missing_posterior")):

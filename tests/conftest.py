@@ -135,3 +135,20 @@ def run_axolotl(config: dict, workdir: Path, launcher: list[str] | None = None, 
     (workdir / "axolotl.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, f"axolotl failed ({result.returncode}):\n{result.stderr[-4000:]}"
     return result
+
+
+def tiny_blob_model(model_dir: Path, init_std: float = 0.5):
+    """The tiny Llama with BLoB on q_proj / v_proj and a non-zero B, so the noise path matters from the start."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_blob.blob.model import bayesianize
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    bayesianize(model, init_std=init_std)
+    return model

@@ -5,12 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-
 from axolotl_blob.args import BlobSettings
-from axolotl_blob.blob.model import bayesianize, posterior_sampling
+from axolotl_blob.blob.model import posterior_sampling
 from axolotl_blob.blob.trainer import BlobTrainerMixin
+from conftest import tiny_blob_model
 
 
 class RecordingTrainer:
@@ -36,13 +34,7 @@ def trainer_with(settings: BlobSettings):
 
 @pytest.fixture
 def model(tiny_model_dir):
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    bayesianize(model, init_std=0.5)
-    return model
+    return tiny_blob_model(tiny_model_dir)
 
 
 def inputs():

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from axolotl_blob.blob.model import bayesianize
 from axolotl_blob.calibration.metrics import CalibrationState
 from axolotl_blob.calibration.scoring import score_choices, score_tokens
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids
 from axolotl_blob.sampling import BlobSampler, DeterministicSampler
+from conftest import tiny_blob_model
 
 EXAMPLES = [
     {"question": "Which is a color?", "choices": ["red", "cat", "one"], "answer": 0},
@@ -20,13 +19,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    bayesianize(model, init_std=0.3)
-    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return tiny_blob_model(tiny_model_dir, init_std=0.3).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 class ScaledAdapterSampler:
