@@ -89,3 +89,25 @@ def test_token_mode_scores_the_eval_split_with_posterior_samples(tiny_model_dir,
     report = json.loads((tmp_path / "out" / "calibration" / "step-4.json").read_text())
     assert report["mode"] == "tokens" and report["n_samples"] == 3
     assert report["datasets"]["tokens"]["n"] > 100 and not list((tmp_path / "out" / "calibration").glob("*.png"))
+
+
+def test_without_an_eval_loop_calibration_runs_once_at_the_end(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", color_questions(40, seed=2))
+    val = write_jsonl(tmp_path / "val.jsonl", color_questions(12, seed=3))
+    config = base_config(
+        tiny_model_dir,
+        train,
+        tmp_path / "out",
+        datasets=[{"path": str(train), "type": "axolotl_blob.multiple_choice"}],
+        val_set_size=0.0,
+        max_steps=5,
+        save_steps=5,
+        eval_steps=None,
+        calibration={"datasets": [{"path": str(val)}], "samples": 2},
+    )
+    run_axolotl(config, tmp_path)
+    reports = sorted((tmp_path / "out" / "calibration").glob("step-*.json"))
+    assert [p.name for p in reports] == ["step-5.json"]
+    report = json.loads(reports[0].read_text())
+    assert report["n_samples"] == 2 and report["datasets"]["val"]["n"] == 12
+    assert "calibration (posterior samples N = 2)" in (tmp_path / "axolotl.log").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from transformers import Trainer, TrainerCallback
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.calibration.report import format_table
 from axolotl_blob.sampling import sampler_for
+
+LOG = logging.getLogger(__name__)
 
 
 def autocast_for(trainer: Trainer):
@@ -53,5 +56,9 @@ class CalibrationCallback(TrainerCallback):
                 metrics.update(calibration)
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Runs inside trainer.train(), before Axolotl saves the model: a failure here must not lose the model."""
         if self.evaluator.settings.at_end and self.last_step != state.global_step:
-            self.run(state.global_step)
+            try:
+                self.run(state.global_step)
+            except Exception:  # noqa: BLE001  (logged with its traceback; the adapter is saved next)
+                LOG.exception("calibration at the end of training failed; the trained model is still saved")
