@@ -125,16 +125,33 @@ def base_config(model_dir: Path, data: Path, output_dir: Path, **overrides) -> d
     return config
 
 
-def run_axolotl(config: dict, workdir: Path, launcher: list[str] | None = None, timeout: int = 600):
-    """Write the config and run `python -m axolotl.cli.train` on it (or under `launcher`, e.g. torchrun)."""
-    config_path = workdir / "config.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    command = (launcher or [sys.executable, "-m"]) + ["axolotl.cli.train", str(config_path)]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
+
+
+def run_module(
+    module: str, args: list[str], workdir: Path, launcher: list[str] | None = None, timeout: int = 600, log: str = "run.log"
+):
+    """Run `python -m module args` (or under `launcher`, e.g. TORCHRUN_2) offline, with the test plugins importable;
+    the output goes to workdir/`log` and a failure fails the test with its stderr."""
+    command = (launcher or [sys.executable, "-m"]) + [module, *args]
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    (workdir / "axolotl.log").write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, f"axolotl failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    (workdir / log).write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, f"{module} failed ({result.returncode}):\n{result.stderr[-4000:]}"
     return result
+
+
+def run_axolotl(config: dict, workdir: Path, launcher: list[str] | None = None, timeout: int = 600):
+    """Write the config and run `python -m axolotl.cli.train` on it; the log is workdir/axolotl.log."""
+    config_path = workdir / "config.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    return run_module("axolotl.cli.train", [str(config_path)], workdir, launcher, timeout, log="axolotl.log")
+
+
+def multiple_choice_config(model_dir: Path, train: Path, output_dir: Path, **overrides) -> dict:
+    """base_config training on a multiple-choice JSONL file, with no eval split of its own."""
+    datasets = [{"path": str(train), "type": "axolotl_blob.multiple_choice"}]
+    return base_config(model_dir, train, output_dir, datasets=datasets, val_set_size=0.0, **overrides)
 
 
 def tiny_blob_model(model_dir: Path, init_std: float = 0.5):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 
-from conftest import base_config, color_questions, run_axolotl, write_jsonl
+from conftest import base_config, color_questions, multiple_choice_config, run_axolotl, run_module, write_jsonl
 
 pytestmark = pytest.mark.slow
 METRICS = ("acc", "ece", "mce", "nll", "brier", "entropy", "mutual_info")
@@ -19,12 +18,10 @@ def calibrated_run(tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("calibration")
     train = write_jsonl(workdir / "train.jsonl", color_questions(80, seed=0))
     val = write_jsonl(workdir / "val.jsonl", color_questions(24, seed=1))
-    config = base_config(
+    config = multiple_choice_config(
         tiny_model_dir,
         train,
         workdir / "out",
-        datasets=[{"path": str(train), "type": "axolotl_blob.multiple_choice"}],
-        val_set_size=0.0,
         test_datasets=[{"path": str(val), "type": "axolotl_blob.multiple_choice", "split": "train"}],
         max_steps=12,
         eval_steps=6,
@@ -54,16 +51,11 @@ def test_training_logs_calibration_metrics_and_writes_reports(calibrated_run):
 
 
 def test_post_hoc_evaluation_reproduces_the_final_numbers(calibrated_run, tmp_path):
-    import subprocess
-
-    from conftest import OFFLINE_ENV
-
     workdir, _ = calibrated_run
     out = workdir / "out"
     summary = tmp_path / "summary.json"
-    command = [sys.executable, "-m", "axolotl_blob.evaluate", str(workdir / "config.yml"), "--adapter", str(out), "--json", str(summary)]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env={**__import__("os").environ, **OFFLINE_ENV})
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = [str(workdir / "config.yml"), "--adapter", str(out), "--json", str(summary)]
+    result = run_module("axolotl_blob.evaluate", args, workdir)
     assert "calibration (posterior samples N = 0)" in result.stdout
     posthoc = json.loads(summary.read_text())["colors"]
     final = json.loads((out / "calibration" / "step-12.json").read_text())["datasets"]["colors"]
@@ -94,12 +86,10 @@ def test_token_mode_scores_the_eval_split_with_posterior_samples(tiny_model_dir,
 def test_without_an_eval_loop_calibration_runs_once_at_the_end(tiny_model_dir, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", color_questions(40, seed=2))
     val = write_jsonl(tmp_path / "val.jsonl", color_questions(12, seed=3))
-    config = base_config(
+    config = multiple_choice_config(
         tiny_model_dir,
         train,
         tmp_path / "out",
-        datasets=[{"path": str(train), "type": "axolotl_blob.multiple_choice"}],
-        val_set_size=0.0,
         max_steps=5,
         save_steps=5,
         eval_steps=None,

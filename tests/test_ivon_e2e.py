@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, run_axolotl
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
+from conftest import TORCHRUN_2, base_config, run_axolotl
 
 
 def ivon_config(model_dir, data, out: Path, **overrides) -> dict:
@@ -87,7 +84,7 @@ def test_ivon_resume_is_bit_identical(ivon_run, tiny_model_dir, completion_data,
 @pytest.mark.slow
 def test_two_ranks_end_with_identical_means_and_hessians(tiny_model_dir, completion_data, tmp_path):
     config = ivon_config(tiny_model_dir, completion_data, tmp_path / "out", ddp_backend="gloo", save_steps=6)
-    run_axolotl(config, tmp_path, launcher=TORCHRUN)
+    run_axolotl(config, tmp_path, launcher=TORCHRUN_2)
     rank0 = load_file(tmp_path / "out" / "rank0_ivon.safetensors")
     rank1 = load_file(tmp_path / "out" / "rank1_ivon.safetensors")
     assert rank0.keys() == rank1.keys() and any(key.startswith("hess.") for key in rank0)

@@ -16,7 +16,7 @@ from axolotl_blob.multiple_choice import (
     prompt_token_ids,
     read_examples,
 )
-from conftest import base_config, color_questions, run_axolotl, write_jsonl
+from conftest import color_questions, multiple_choice_config, run_axolotl, write_jsonl
 
 SMOLLM2_DIR = Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m-instruct"
 
@@ -220,13 +220,11 @@ def test_blob_trains_on_a_multiple_choice_file_end_to_end(tiny_model_dir, tmp_pa
     val = write_jsonl(tmp_path / "val.jsonl", color_questions(16, seed=1))
     assert len(read_examples(train)) == 80
     out = tmp_path / "out"
-    config = base_config(
+    config = multiple_choice_config(
         tiny_model_dir,
         train,
         out,
-        datasets=[{"path": str(train), "type": "axolotl_blob.multiple_choice"}],
         test_datasets=[{"path": str(val), "type": "axolotl_blob.multiple_choice", "split": "train"}],
-        val_set_size=0.0,
         max_steps=10,
         eval_steps=10,
         save_steps=10,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from axolotl_blob.blob.kl import kl_weight
-from conftest import base_config, run_axolotl
+from conftest import TORCHRUN_2, base_config, run_axolotl, run_module
 
 pytestmark = pytest.mark.slow
 CYCLE = 5
@@ -116,7 +115,7 @@ def test_two_processes_end_with_identical_adapters(tiny_model_dir, completion_da
         ddp_backend="gloo",
         plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin"],
     )
-    run_axolotl(config, tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"])
+    run_axolotl(config, tmp_path, launcher=TORCHRUN_2)
     rank0 = load_file(tmp_path / "out" / "rank0_adapter.safetensors")
     rank1 = load_file(tmp_path / "out" / "rank1_adapter.safetensors")
     assert rank0.keys() == rank1.keys() and any("blob_G" in key for key in rank0)
@@ -150,21 +149,14 @@ def test_quantized_base_is_loaded_like_adapter_lora(quantization, layer, tiny_mo
 
 
 def test_axolotl_merge_lora_merges_the_posterior_mean(trained, tiny_model_dir, tmp_path):
-    import os
-    import subprocess
-
     import yaml
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from conftest import OFFLINE_ENV
-
     config = yaml.safe_load((trained.parent / "config.yml").read_text())
     config["output_dir"] = str(tmp_path / "merge-out")
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "axolotl.cli.merge_lora", str(tmp_path / "config.yml"), f"--lora_model_dir={trained}"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_module("axolotl.cli.merge_lora", [str(tmp_path / "config.yml"), f"--lora_model_dir={trained}"], tmp_path)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merge-out" / "merged").eval()
     mean = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained).eval()
     ids = torch.tensor([[1, 5, 9, 12, 20, 7]])
