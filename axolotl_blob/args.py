@@ -137,12 +137,32 @@ class CalibrationSettings(StrictBlock):
         return self
 
 
+class RankSchedulerSettings(StrictBlock):
+    """The `rank_scheduler:` block: AdaLoRA's adaptive rank allocation, with sensitivity or posterior-SNR scores."""
+
+    block = "rank_scheduler"
+
+    importance: Literal["snr", "snr_abs", "sensitivity"] = Field(
+        description="snr: |μ|/σ of the posterior; snr_abs: folded-normal SNR of |θ|; sensitivity: AdaLoRA's smoothed |w·∇w|"
+    )
+    target_r: int = Field(ge=1, description="average rank per adapted module at the end")
+    init_r: int | None = Field(None, ge=1, description="rank per module at the start; default: lora_r")
+    t_init: int = Field(0, ge=0, description="optimizer steps at full rank before pruning starts")
+    t_final: int = Field(0, ge=0, description="optimizer steps at the end that train the final ranks")
+    delta_t: int = Field(1, ge=1, description="optimizer steps between two allocations")
+    beta1: float = Field(0.85, gt=0, lt=1, description="sensitivity smoothing (importance: sensitivity)")
+    beta2: float = Field(0.85, gt=0, lt=1, description="sensitivity-uncertainty smoothing (importance: sensitivity)")
+    orth_reg_weight: float = Field(0.1, ge=0, description="weight of AdaLoRA's orthogonality regulariser (adapter: adalora)")
+    plots: bool = Field(True, description="write a PNG of the final rank per layer and module")
+
+
 class BlobPluginArgs(BaseModel):
     """Top-level keys the plugin adds to Axolotl's config."""
 
     blob: BlobSettings | None = None
     ivon: IvonSettings | None = None
     calibration: CalibrationSettings | None = None
+    rank_scheduler: RankSchedulerSettings | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -221,4 +241,67 @@ class BlobPluginArgs(BaseModel):
                     "Point it at a directory saved by an 'adapter: blob' run, or set "
                     "'blob.init_missing_posterior: true' to start σ fresh from a plain LoRA adapter."
                 )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_rank_scheduler_combinations(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        adapter, block = data.get("adapter"), data.get("rank_scheduler")
+        if adapter == "adalora" and block is None:
+            raise ValueError("adapter: adalora needs a 'rank_scheduler:' block (at least 'importance' and 'target_r')")
+        if block is None:
+            return data
+        if adapter not in ("adalora", "blob"):
+            raise ValueError(f"'rank_scheduler:' works with adapter: adalora or adapter: blob, not {adapter!r}")
+        if not isinstance(block, dict):
+            return data
+        lora_r, init_r = data.get("lora_r"), block.get("init_r")
+        if init_r is not None and lora_r is not None and init_r != lora_r:
+            raise ValueError(
+                f"rank_scheduler.init_r ({init_r}) and lora_r ({lora_r}) disagree: both set the starting rank; "
+                "remove one of them"
+            )
+        start = init_r if init_r is not None else lora_r
+        if start is None:
+            raise ValueError("set rank_scheduler.init_r or lora_r: the rank every module starts with")
+        target = block.get("target_r")
+        if isinstance(target, int) and isinstance(start, int) and target > start:
+            raise ValueError(
+                f"rank_scheduler.target_r ({target}) is larger than the starting rank {start} "
+                f"({'rank_scheduler.init_r' if init_r is not None else 'lora_r'}); rank scheduling only removes ranks"
+            )
+        importance = block.get("importance")
+        if importance in ("snr", "snr_abs") and adapter != "blob" and data.get("optimizer") != "ivon":
+            raise ValueError(
+                f"rank_scheduler.importance {importance!r} reads a posterior, and optimizer {data.get('optimizer')!r} "
+                "has none: use 'optimizer: ivon' (or 'adapter: blob'), or 'importance: sensitivity'"
+            )
+        if adapter == "blob" and "orth_reg_weight" in block:
+            raise ValueError("rank_scheduler.orth_reg_weight regularises AdaLoRA's P and Q; adapter: blob has none: remove it")
+        max_steps, t_init, t_final = data.get("max_steps"), block.get("t_init", 0), block.get("t_final", 0)
+        if isinstance(max_steps, int) and max_steps > 0 and t_init + t_final >= max_steps:
+            raise ValueError(
+                f"rank_scheduler.t_init + rank_scheduler.t_final = {t_init} + {t_final} = {t_init + t_final} must be "
+                f"smaller than max_steps ({max_steps}), or no step is left to reduce the rank"
+            )
+        if adapter == "adalora":
+            reject_keys(data, "adapter: adalora", (
+                ("rl", "rank scheduling is wired into supervised (SFT / pretraining) training; remove 'rl'"),
+                ("peft_use_dora", "AdaLoRA has no DoRA form (PEFT); remove 'peft_use_dora'"),
+                ("peft_use_rslora", "AdaLoRA scales by lora_alpha / init_r; remove 'peft_use_rslora'"),
+                ("lora_target_parameters", "AdaLoRA wraps linear modules; use lora_target_modules instead"),
+                ("lora_rank_pattern", "AdaLoRA's ranks come from rank_scheduler; remove 'lora_rank_pattern'"),
+                ("lora_alpha_pattern", "AdaLoRA has one lora_alpha; remove 'lora_alpha_pattern'"),
+                ("deepspeed", "pruning edits weights in place, which ZeRO's partitions would overwrite; use DDP"),
+                ("fsdp", "pruning reads and edits whole, unsharded factors; use DDP"),
+                ("fsdp_config", "pruning reads and edits whole, unsharded factors; use DDP"),
+                *(
+                    (kernel, "Axolotl's fused LoRA kernels are for adapter: lora; remove it")
+                    for kernel in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+                ),
+            ))  # fmt: skip
+        elif data.get("lora_rank_pattern"):
+            raise ValueError("rank_scheduler with lora_rank_pattern: every module must start at the same rank; remove it")
         return data

@@ -1,9 +1,9 @@
 """Narrow patches to Axolotl's ModelLoader, each closing a gap that plugin hooks cannot reach.
 
 1. Axolotl switches on k-bit quantisation (`load_in_8bit` / `load_in_4bit`), k-bit training preparation and
-   gradient checkpointing only for adapter names `lora` / `qlora`. For `adapter: blob` the loader steps that do
-   this run with the adapter name read as `lora` (`qlora` when loading in 4 bit), so BLoB gets exactly the
-   LoRA treatment. Axolotl's fused LoRA kernels are *not* aliased: they bypass the layer forward.
+   gradient checkpointing only for adapter names `lora` / `qlora`. For `adapter: blob` and `adapter: adalora` the
+   loader steps that do this run with the adapter name read as `lora` (`qlora` when loading in 4 bit), so both
+   get exactly the LoRA treatment. Axolotl's fused LoRA kernels are *not* aliased: they bypass the layer forward.
 2. Multi-process runs on CPU-only machines (torchrun, gloo). Axolotl 0.19 maps every rank to device index
    LOCAL_RANK, which there is no device at all: the model is loaded on the CPU instead.
 3. CPU-only machines need the Trainer told so, and Axolotl has no config key for it: without `use_cpu` the HF
@@ -22,20 +22,22 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+LORA_LIKE_ADAPTERS = ("blob", "adalora")
 ALIASED_LOADER_STEPS = ("_set_quantization_config", "_prepare_model_for_quantization", "_configure_embedding_dtypes")
 
 
 @contextlib.contextmanager
 def adapter_read_as_lora(cfg) -> Iterator[None]:
-    """Let Axolotl's LoRA-only branches see `lora`/`qlora` while a BLoB model is being loaded."""
-    if cfg.adapter != "blob":
+    """Let Axolotl's LoRA-only branches see `lora`/`qlora` while a BLoB or AdaLoRA model is being loaded."""
+    adapter = cfg.adapter
+    if adapter not in LORA_LIKE_ADAPTERS:
         yield
         return
     cfg.adapter = "qlora" if cfg.load_in_4bit else "lora"
     try:
         yield
     finally:
-        cfg.adapter = "blob"
+        cfg.adapter = adapter
 
 
 def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:

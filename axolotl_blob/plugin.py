@@ -14,7 +14,7 @@ from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 
-from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings
+from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings, RankSchedulerSettings
 from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, save_posterior
 from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
@@ -22,6 +22,8 @@ from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
+from axolotl_blob.rank.adalora import load_adalora
+from axolotl_blob.rank.trainer import rank_trainer_cls
 
 LOG = get_logger(__name__)
 
@@ -32,6 +34,10 @@ def blob_settings(cfg: DictDefault) -> BlobSettings:
 
 def ivon_settings(cfg: DictDefault) -> IvonSettings:
     return IvonSettings(**dict(cfg.ivon or {}))
+
+
+def rank_scheduler_settings(cfg: DictDefault) -> RankSchedulerSettings:
+    return RankSchedulerSettings(**dict(cfg.rank_scheduler))
 
 
 def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> CalibrationEvaluator:
@@ -47,21 +53,34 @@ def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> Calib
     return CalibrationEvaluator(settings, samples)
 
 
+def _without_reinitialisation(config):
+    """Axolotl ≥ 0.20 re-draws lora_A after loading when the returned config says init_lora_weights=True."""
+    config = copy.copy(config)
+    config.init_lora_weights = False
+    return config
+
+
 class BlobPlugin(BasePlugin):
-    """`adapter: blob` (Bayesian LoRA by backpropagation), `optimizer: ivon` and the `calibration:` evaluation."""
+    """`adapter: blob` (Bayesian LoRA by backprop), `optimizer: ivon`, `adapter: adalora` with the `rank_scheduler:`,
+    and the `calibration:` evaluation."""
 
     def get_input_args(self) -> str:
         return "axolotl_blob.args.BlobPluginArgs"
 
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
-        return [AdapterCapabilities(name="blob", lora_like=True)]
+        return [AdapterCapabilities(name="blob", lora_like=True), AdapterCapabilities(name="adalora", lora_like=True)]
 
     def register(self, cfg: dict):
         patch_model_loader()  # each patch acts only when its condition holds (compat.py)
         configure_cpu_runs()
 
     def load_adapter(self, model, cfg: DictDefault, inference: bool = False, config_only: bool = False):
-        """Build the PEFT LoRA model exactly as `adapter: lora` would, then put a posterior on every A."""
+        """blob: the PEFT LoRA model exactly as `adapter: lora` would build it, with a posterior on every A.
+        adalora: PEFT's AdaLoRA from the same lora_* keys."""
+        if cfg.adapter == "adalora":
+            settings = rank_scheduler_settings(cfg)
+            model, config = load_adalora(model, cfg, settings, inference=inference, config_only=config_only)
+            return model, (config if config_only else _without_reinitialisation(config))
         if cfg.adapter != "blob":
             return None
         model, lora_config = load_lora(model, cfg, inference=inference, config_only=config_only)
@@ -74,17 +93,14 @@ class BlobPlugin(BasePlugin):
             LOG.info(f"BLoB: restored the posterior of {count} layers from {cfg.lora_model_dir}")
         else:
             LOG.info(f"BLoB: Gaussian posterior over A in {count} LoRA layers")
-        # Axolotl ≥ 0.20 re-draws lora_A after loading when the returned config says init_lora_weights=True.
-        lora_config = copy.copy(lora_config)
-        lora_config.init_lora_weights = False
-        return model, lora_config
+        return model, _without_reinitialisation(lora_config)
 
     def get_training_args(self, cfg: DictDefault) -> dict:
         # `optimizer: ivon` must not reach TrainingArguments(optim=...): a placeholder, replaced in post_trainer_create
         return {**cpu_training_args(), **({"optim": "adamw_torch"} if cfg.optimizer == "ivon" else {})}
 
     def get_trainer_cls(self, cfg: DictDefault):
-        if cfg.adapter != "blob" and cfg.optimizer != "ivon":
+        if cfg.adapter != "blob" and cfg.optimizer != "ivon" and not cfg.rank_scheduler:
             return None
         from axolotl.core.trainers.base import AxolotlTrainer
         from axolotl.utils.import_helper import get_cls_from_module_str
@@ -92,6 +108,8 @@ class BlobPlugin(BasePlugin):
         trainer_cls = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
         if cfg.adapter == "blob":
             trainer_cls = blob_trainer_cls(trainer_cls, blob_settings(cfg))
+        if cfg.rank_scheduler:  # inside IVON's sampling: the regulariser is part of each sample's loss
+            trainer_cls = rank_trainer_cls(trainer_cls, rank_scheduler_settings(cfg), cfg.adapter)
         if cfg.optimizer == "ivon":
             trainer_cls = ivon_trainer_cls(trainer_cls, ivon_settings(cfg))
         return trainer_cls

@@ -209,6 +209,20 @@ class IVON(Optimizer):
             hess = torch.full_like(param, group["hess_init"], dtype=_state_dtype(param))
         return (hess + group["weight_decay"]).mul_(group["ess"]).rsqrt_()
 
+    @torch.no_grad()
+    def set_posterior_mean(self, param: Tensor, mean: Tensor) -> None:
+        """Overwrite m for ``param`` (matched by identity): the parameter and its fp32 copy, if it has one.
+
+        For edits between steps, such as AdaLoRA's pruning, which must survive the next update.
+        """
+        if self._sampling is not None:
+            raise RuntimeError("IVON.set_posterior_mean() cannot be called inside sampled_params()")
+        self._group_of(param)
+        state = self.state.get(param, {})
+        if "mean" in state:
+            state["mean"].copy_(mean)
+        param.copy_(mean)
+
     def posterior(self) -> dict[Tensor, tuple[Tensor, Tensor]]:
         """{param: (mean, std)} for every parameter, keyed by the parameter object."""
         return {p: (self.posterior_mean(p), self.posterior_std(p)) for g in self.param_groups for p in g["params"]}

@@ -1,14 +1,19 @@
 """Test-only Axolotl plugin that records what the run built: base layer types after loading, and every rank's
-adapter, posterior and IVON state after training (to compare ranks)."""
+adapter, posterior, IVON state and logits on a fixed input after training (to compare ranks and reloads)."""
 
 import json
 import os
 from pathlib import Path
 
+import torch
+
 from axolotl.integrations.base import BasePlugin
 from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import save_file
 from transformers import TrainerCallback
+
+
+PROBE_INPUT = torch.arange(4, 36).reshape(2, 16)  # token ids every test tokenizer has
 
 
 class OptimizerStateDump(TrainerCallback):
@@ -39,3 +44,7 @@ class ProbePlugin(BasePlugin):
     def post_train(self, cfg, model):
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k or "blob_G" in k}
         save_file(state, Path(cfg.output_dir) / f"rank{os.environ.get('RANK', '0')}_adapter.safetensors")
+        model.eval()  # BLoB: the posterior mean
+        with torch.no_grad():
+            logits = model(input_ids=PROBE_INPUT.to(model.device)).logits.float().cpu()
+        save_file({"logits": logits}, Path(cfg.output_dir) / f"rank{os.environ.get('RANK', '0')}_logits.safetensors")

@@ -1,0 +1,74 @@
+"""`adapter: adalora`: PEFT's SVD-form adapter P Λ Q built from Axolotl's `lora_*` keys, and its regulariser.
+
+The adapter is PEFT's AdaLoRA, so saved adapters load with plain `PeftModel.from_pretrained`. Two things are
+ours rather than PEFT's: the rank allocation (:mod:`axolotl_blob.rank.scheduler`, driven by a Trainer
+callback instead of a hand-written loop), and the orthogonality regulariser, which PEFT adds inside the
+model's forward (then also to eval losses, and once per micro-batch whatever the gradient accumulation).
+Here it is added to the training loss only, as the AdaLoRA paper writes it:
+R = mean over modules of ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (PEFT uses the unsquared norm, averaged over matrices).
+"""
+
+from __future__ import annotations
+
+import torch
+from axolotl.loaders.adapter import load_lora
+from axolotl.utils.dict import DictDefault
+from peft import AdaLoraConfig, PeftModel, get_peft_model
+
+from axolotl_blob.args import RankSchedulerSettings
+from axolotl_blob.rank.modules import AdaptedModule
+
+# LoraConfig fields that keep their meaning in AdaLoraConfig (Axolotl fills them from its lora_* keys)
+SHARED_LORA_FIELDS = (
+    "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
+    "modules_to_save", "layers_to_transform", "layers_pattern", "task_type", "init_lora_weights",
+)  # fmt: skip
+
+
+def initial_rank(cfg: DictDefault, settings: RankSchedulerSettings) -> int:
+    """rank_scheduler.init_r, else lora_r (validation guarantees one of them, and that they agree)."""
+    return settings.init_r if settings.init_r is not None else cfg.lora_r
+
+
+def adalora_config(cfg: DictDefault, model, settings: RankSchedulerSettings, total_steps: int | None) -> AdaLoraConfig:
+    """AdaLoraConfig from Axolotl's LoRA settings plus the rank_scheduler block.
+
+    `total_step` is recorded for PEFT's bookkeeping only (our scheduler reads the Trainer's step count); before
+    the Trainer exists it is max_steps, or the smallest value PEFT accepts.
+    """
+    _, lora_config = load_lora(model, cfg, config_only=True)
+    shared = {name: getattr(lora_config, name) for name in SHARED_LORA_FIELDS}
+    return AdaLoraConfig(
+        **shared,
+        r=8,  # unused by AdaLoRA; PEFT warns if it differs from its default
+        init_r=initial_rank(cfg, settings),
+        target_r=settings.target_r,
+        tinit=settings.t_init,
+        tfinal=settings.t_final,
+        deltaT=settings.delta_t,
+        beta1=settings.beta1,
+        beta2=settings.beta2,
+        orth_reg_weight=0.0,  # the regulariser is added by our Trainer, not by PEFT's forward
+        total_step=total_steps or settings.t_init + settings.t_final + 1,
+    )
+
+
+def load_adalora(model, cfg: DictDefault, settings: RankSchedulerSettings, inference: bool = False, config_only: bool = False):
+    """Wrap `model` in a fresh AdaLoRA adapter, or load the one in `lora_model_dir` (with its pruned ranks)."""
+    config = adalora_config(cfg, model, settings, cfg.max_steps)
+    if config_only:
+        return None, config
+    if cfg.lora_model_dir:
+        model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
+        return model, model.peft_config["default"]
+    return get_peft_model(model, config), config
+
+
+def orthogonality_penalty(modules: list[AdaptedModule]) -> torch.Tensor:
+    """mean over modules of ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F, in fp32."""
+    terms = []
+    for module in modules:
+        left, right = module.left.float(), module.right.float()
+        eye = torch.eye(module.rank, device=left.device)
+        terms.append((left.T @ left - eye).square().sum() + (right @ right.T - eye).square().sum())
+    return torch.stack(terms).mean()
