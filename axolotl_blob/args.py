@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from axolotl_blob.blob.model import missing_posterior_files
 from axolotl_blob.multiple_choice import read_examples
+from axolotl_blob.rank.budget import check_steps
 
 
 class StrictBlock(BaseModel):
@@ -257,6 +258,7 @@ class BlobPluginArgs(BaseModel):
             raise ValueError(f"'rank_scheduler:' works with adapter: adalora or adapter: blob, not {adapter!r}")
         if not isinstance(block, dict):
             return data
+        RankSchedulerSettings._known_keys(block)  # a misspelt key first: the checks below read the block's keys
         lora_r, init_r = data.get("lora_r"), block.get("init_r")
         if init_r is not None and lora_r is not None and init_r != lora_r:
             raise ValueError(
@@ -281,11 +283,8 @@ class BlobPluginArgs(BaseModel):
         if adapter == "blob" and "orth_reg_weight" in block:
             raise ValueError("rank_scheduler.orth_reg_weight regularises AdaLoRA's P and Q; adapter: blob has none: remove it")
         max_steps, t_init, t_final = data.get("max_steps"), block.get("t_init", 0), block.get("t_final", 0)
-        if isinstance(max_steps, int) and max_steps > 0 and t_init + t_final >= max_steps:
-            raise ValueError(
-                f"rank_scheduler.t_init + rank_scheduler.t_final = {t_init} + {t_final} = {t_init + t_final} must be "
-                f"smaller than max_steps ({max_steps}), or no step is left to reduce the rank"
-            )
+        if isinstance(max_steps, int) and max_steps > 0 and isinstance(t_init, int) and isinstance(t_final, int):
+            check_steps(t_init, t_final, max_steps)  # without max_steps: checked once the Trainer knows its count
         if adapter == "adalora":
             reject_keys(data, "adapter: adalora", (
                 ("rl", "rank scheduling is wired into supervised (SFT / pretraining) training; remove 'rl'"),

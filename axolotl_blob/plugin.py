@@ -23,6 +23,7 @@ from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_mod
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
 from axolotl_blob.rank.adalora import load_adalora
+from axolotl_blob.rank.budget import check_steps
 from axolotl_blob.rank.trainer import rank_trainer_cls
 
 LOG = get_logger(__name__)
@@ -115,7 +116,11 @@ class BlobPlugin(BasePlugin):
         return trainer_cls
 
     def post_trainer_create(self, cfg: DictDefault, trainer):
-        """IVON is built lazily by the Trainer (after any model wrapping) from `optimizer_cls_and_kwargs`."""
+        """The step count is known now (before training starts); IVON is built lazily by the Trainer (after any
+        model wrapping) from `optimizer_cls_and_kwargs`."""
+        if cfg.rank_scheduler and trainer.args.max_steps > 0:
+            settings = rank_scheduler_settings(cfg)
+            check_steps(settings.t_init, settings.t_final, trainer.args.max_steps)
         if cfg.optimizer != "ivon":
             return
         settings = ivon_settings(cfg)

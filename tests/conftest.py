@@ -129,23 +129,36 @@ TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
 
 
 def run_module(
-    module: str, args: list[str], workdir: Path, launcher: list[str] | None = None, timeout: int = 600, log: str = "run.log"
+    module: str,
+    args: list[str],
+    workdir: Path,
+    launcher: list[str] | None = None,
+    timeout: int = 600,
+    log: str = "run.log",
+    expect_success: bool = True,
 ):
     """Run `python -m module args` (or under `launcher`, e.g. TORCHRUN_2) offline, with the test plugins importable;
-    the output goes to workdir/`log` and a failure fails the test with its stderr."""
+    the output goes to workdir/`log`, and an unexpected outcome fails the test with its stderr."""
     command = (launcher or [sys.executable, "-m"]) + [module, *args]
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     (workdir / log).write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, f"{module} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    if expect_success:
+        assert result.returncode == 0, f"{module} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    else:
+        assert result.returncode != 0, f"{module} was expected to fail but succeeded"
     return result
 
 
-def run_axolotl(config: dict, workdir: Path, launcher: list[str] | None = None, timeout: int = 600):
+def run_axolotl(
+    config: dict, workdir: Path, launcher: list[str] | None = None, timeout: int = 600, expect_success: bool = True
+):
     """Write the config and run `python -m axolotl.cli.train` on it; the log is workdir/axolotl.log."""
     config_path = workdir / "config.yml"
     config_path.write_text(yaml.safe_dump(config))
-    return run_module("axolotl.cli.train", [str(config_path)], workdir, launcher, timeout, log="axolotl.log")
+    return run_module(
+        "axolotl.cli.train", [str(config_path)], workdir, launcher, timeout, log="axolotl.log", expect_success=expect_success
+    )
 
 
 def multiple_choice_config(model_dir: Path, train: Path, output_dir: Path, **overrides) -> dict:

@@ -137,3 +137,43 @@ def test_ivon_bad_inputs(tiny_model_dir, completion_data, tmp_path):
 def test_valid_ivon_config(tiny_model_dir, completion_data, tmp_path):
     cfg = validate(tmp_path, ivon_base(tiny_model_dir, completion_data, tmp_path, ivon={"ess": 1e6}))
     assert cfg.optimizer == "ivon" and cfg.ivon["ess"] == 1e6
+
+
+def rank_base(tiny_model_dir, completion_data, tmp_path, **overrides) -> dict:
+    config = base_config(
+        tiny_model_dir, completion_data, tmp_path / "out", adapter="adalora",
+        rank_scheduler={"importance": "sensitivity", "target_r": 2, "t_init": 4, "t_final": 6},
+    )  # fmt: skip
+    del config["blob"]
+    config.update(overrides)
+    return config
+
+
+RANK_BAD_INPUTS = [
+    ("unknown key", {"rank_scheduler": {"importance": "snr", "target": 2}}, "unknown key 'rank_scheduler.target'. Did you mean 'rank_scheduler.target_r'?"),
+    ("unknown importance", {"rank_scheduler": {"importance": "magnitude", "target_r": 2}}, r"rank_scheduler.importance\n  Input should be 'snr', 'snr_abs' or 'sensitivity'"),
+    ("target above init", {"rank_scheduler": {"importance": "sensitivity", "target_r": 6}}, r"rank_scheduler.target_r \(6\) is larger than the starting rank 4 \(lora_r\)"),
+    ("init_r disagrees with lora_r", {"rank_scheduler": {"importance": "sensitivity", "target_r": 2, "init_r": 8}}, r"rank_scheduler.init_r \(8\) and lora_r \(4\) disagree"),
+    ("snr without a posterior", {"rank_scheduler": {"importance": "snr", "target_r": 2}}, "rank_scheduler.importance 'snr' reads a posterior, and optimizer 'adamw_torch' has none"),
+    ("no room to prune", {"rank_scheduler": {"importance": "sensitivity", "target_r": 2, "t_init": 12, "t_final": 8}}, r"t_init \+ rank_scheduler.t_final = 12 \+ 8 = 20 must be smaller than the run's 20 optimizer steps"),
+    ("adalora without scheduler", {"rank_scheduler": None}, "adapter: adalora needs a 'rank_scheduler:' block"),
+    ("scheduler with plain lora", {"adapter": "lora"}, "'rank_scheduler:' works with adapter: adalora or adapter: blob, not 'lora'"),
+    ("adalora with DoRA", {"peft_use_dora": True}, "adapter: adalora cannot be combined with 'peft_use_dora'"),
+    ("regulariser with blob", {"adapter": "blob", "rank_scheduler": {"importance": "snr", "target_r": 2, "orth_reg_weight": 0.1}}, "adapter: blob has none"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, message", RANK_BAD_INPUTS, ids=[row[0] for row in RANK_BAD_INPUTS])
+def test_rank_scheduler_bad_inputs(case, overrides, message, tiny_model_dir, completion_data, tmp_path):
+    config = rank_base(tiny_model_dir, completion_data, tmp_path, **overrides)
+    with pytest.raises(Exception, match=message):
+        validate(tmp_path, config)
+
+
+def test_valid_rank_scheduler_configs(tiny_model_dir, completion_data, tmp_path):
+    cfg = validate(tmp_path, rank_base(tiny_model_dir, completion_data, tmp_path))
+    assert cfg.rank_scheduler["beta1"] == 0.85 and cfg.rank_scheduler["orth_reg_weight"] == 0.1
+    blob = {"adapter": "blob", "rank_scheduler": {"importance": "snr", "target_r": 2}}  # BLoB is its own posterior
+    assert validate(tmp_path, rank_base(tiny_model_dir, completion_data, tmp_path, **blob)).rank_scheduler["importance"] == "snr"
+    ivon = {"optimizer": "ivon", "rank_scheduler": {"importance": "snr_abs", "target_r": 2}}
+    assert validate(tmp_path, rank_base(tiny_model_dir, completion_data, tmp_path, **ivon)).optimizer == "ivon"

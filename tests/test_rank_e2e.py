@@ -159,3 +159,14 @@ def test_blob_snr_reaches_target_and_reloads(tiny_model_dir, completion_data, tm
     assert reloaded.keys() == dumped.keys()
     for key in dumped:
         torch.testing.assert_close(reloaded[key], dumped[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_schedule_longer_than_the_run_fails_before_training(tiny_model_dir, completion_data, tmp_path):
+    """Without max_steps the step count is the Trainer's (216 examples / batch 4 = 54); checked before step 1."""
+    config = rank_config(tiny_model_dir, completion_data, tmp_path / "out", "sensitivity", num_epochs=1)
+    del config["max_steps"]
+    config["rank_scheduler"].update(t_init=30, t_final=30)
+    result = run_axolotl(config, tmp_path, expect_success=False)
+    assert "t_init + rank_scheduler.t_final = 30 + 30 = 60 must be smaller than the run's 54 optimizer steps" in result.stderr
+    assert "'loss'" not in result.stdout + result.stderr  # no training step ran

@@ -11,6 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def check_steps(t_init: int, t_final: int, total_steps: int) -> None:
+    """The falling phase needs at least one step: t_init + t_final < T."""
+    if t_init + t_final >= total_steps:
+        raise ValueError(
+            f"rank_scheduler.t_init + rank_scheduler.t_final = {t_init} + {t_final} = {t_init + t_final} must be "
+            f"smaller than the run's {total_steps} optimizer steps, or no step is left to reduce the rank: "
+            "lower t_init / t_final or train longer"
+        )
+
+
 @dataclass(frozen=True)
 class BudgetSchedule:
     initial: int  # b0: total rank at the start (Σ init_r over the adapted modules)
@@ -21,12 +31,7 @@ class BudgetSchedule:
     delta_t: int
 
     def __post_init__(self):
-        if self.t_init + self.t_final >= self.total_steps:
-            raise ValueError(
-                f"rank_scheduler.t_init + rank_scheduler.t_final = {self.t_init} + {self.t_final} = "
-                f"{self.t_init + self.t_final} must be smaller than the run's {self.total_steps} optimizer steps, "
-                "or no step is left to reduce the rank: lower t_init/t_final or train longer"
-            )
+        check_steps(self.t_init, self.t_final, self.total_steps)
         if not 0 <= self.target <= self.initial:
             raise ValueError(f"the target total rank {self.target} must lie in [0, {self.initial}]")
 

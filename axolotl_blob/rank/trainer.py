@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from axolotl.utils.logging import get_logger
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.utils import logging
 
 from axolotl_blob.args import RankSchedulerSettings
 from axolotl_blob.ivon.optimizer import IVON
@@ -20,7 +20,7 @@ from axolotl_blob.rank.modules import adapted_modules
 from axolotl_blob.rank.pattern import commit_adalora_pattern, commit_blob_pattern, write_rank_report
 from axolotl_blob.rank.scheduler import RankScheduler
 
-LOG = logging.get_logger(__name__)
+LOG = get_logger(__name__)
 STATE_FILE = "rank_scheduler.safetensors"
 
 
