@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 WORDS = "red green blue cat dog bird one two three four sun moon star tree river stone".split()
@@ -159,6 +161,22 @@ def run_axolotl(
     return run_module(
         "axolotl.cli.train", [str(config_path)], workdir, launcher, timeout, log="axolotl.log", expect_success=expect_success
     )
+
+
+def resume_dir(finished_run: Path, checkpoint: str, tmp_path: Path) -> Path:
+    """A fresh output dir holding only `checkpoint` of a finished run (and its prepared data), to resume from."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(finished_run / checkpoint, out / checkpoint)
+    shutil.copytree(finished_run / "prepared", out / "prepared")
+    return out
+
+
+def assert_identical_tensors(actual: dict, expected: dict) -> None:
+    """Same keys, and every tensor equal to the bit."""
+    assert actual.keys() == expected.keys() and actual
+    for key in actual:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def multiple_choice_config(model_dir: Path, train: Path, output_dir: Path, **overrides) -> dict:

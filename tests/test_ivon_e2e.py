@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TORCHRUN_2, base_config, run_axolotl
+from conftest import TORCHRUN_2, assert_identical_tensors, base_config, resume_dir, run_axolotl
 
 
 def ivon_config(model_dir, data, out: Path, **overrides) -> dict:
@@ -67,18 +66,10 @@ def test_ivon_trains_with_accumulation_and_reports_bma_calibration(ivon_run):
 
 @pytest.mark.slow
 def test_ivon_resume_is_bit_identical(ivon_run, tiny_model_dir, completion_data, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copytree(ivon_run / "checkpoint-3", out / "checkpoint-3")
-    shutil.copytree(ivon_run / "prepared", out / "prepared")
+    out = resume_dir(ivon_run, "checkpoint-3", tmp_path)
     run_axolotl(ivon_config(tiny_model_dir, completion_data, out, resume_from_checkpoint=str(out / "checkpoint-3")), tmp_path)
-    resumed, uninterrupted = load_file(out / "rank0_ivon.safetensors"), load_file(ivon_run / "rank0_ivon.safetensors")
-    assert resumed.keys() == uninterrupted.keys() and resumed
-    for key in resumed:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
-    adapter, reference = load_file(out / "adapter_model.safetensors"), load_file(ivon_run / "adapter_model.safetensors")
-    for key in adapter:
-        torch.testing.assert_close(adapter[key], reference[key], rtol=0, atol=0, msg=key)
+    assert_identical_tensors(load_file(out / "rank0_ivon.safetensors"), load_file(ivon_run / "rank0_ivon.safetensors"))
+    assert_identical_tensors(load_file(out / "adapter_model.safetensors"), load_file(ivon_run / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow

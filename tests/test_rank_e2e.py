@@ -5,14 +5,13 @@ the adapter, and the reloaded adapters reproduce the trained model's outputs."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, run_axolotl
+from conftest import assert_identical_tensors, base_config, resume_dir, run_axolotl
 from helpers.probe import PROBE_INPUT
 
 from axolotl_blob.rank.budget import BudgetSchedule
@@ -107,17 +106,11 @@ def test_adalora_adamw_sensitivity_reaches_target_and_reloads(adalora_sensitivit
 
 @pytest.mark.slow
 def test_adalora_resume_restores_the_scheduler(adalora_sensitivity_run, tiny_model_dir, completion_data, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copytree(adalora_sensitivity_run / "checkpoint-6", out / "checkpoint-6")
-    shutil.copytree(adalora_sensitivity_run / "prepared", out / "prepared")
+    out = resume_dir(adalora_sensitivity_run, "checkpoint-6", tmp_path)
     config = rank_config(tiny_model_dir, completion_data, out, "sensitivity", resume_from_checkpoint=str(out / "checkpoint-6"))
     run_axolotl(config, tmp_path)
     assert json.loads((out / "rank_pattern.json").read_text()) == json.loads((adalora_sensitivity_run / "rank_pattern.json").read_text())
-    resumed, uninterrupted = load_file(out / "adapter_model.safetensors"), load_file(adalora_sensitivity_run / "adapter_model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for key in resumed:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+    assert_identical_tensors(load_file(out / "adapter_model.safetensors"), load_file(adalora_sensitivity_run / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
@@ -155,10 +148,7 @@ def test_blob_snr_reaches_target_and_reloads(tiny_model_dir, completion_data, tm
     # and the full posterior reloads at the pruned ranks
     model = load_adapter_model(DictDefault(base_model=str(tiny_model_dir)), out)
     reloaded = {k: v for k, v in model.state_dict().items() if "lora_" in k or "blob_G" in k}
-    dumped = load_file(out / "rank0_adapter.safetensors")
-    assert reloaded.keys() == dumped.keys()
-    for key in dumped:
-        torch.testing.assert_close(reloaded[key], dumped[key], rtol=0, atol=0, msg=key)
+    assert_identical_tensors(reloaded, load_file(out / "rank0_adapter.safetensors"))
 
 
 @pytest.mark.slow

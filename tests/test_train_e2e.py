@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from axolotl_blob.blob.kl import kl_weight
-from conftest import TORCHRUN_2, base_config, run_axolotl, run_module
+from conftest import TORCHRUN_2, assert_identical_tensors, base_config, resume_dir, run_axolotl, run_module
 
 pytestmark = pytest.mark.slow
 CYCLE = 5
@@ -63,16 +62,10 @@ def test_the_kl_step_pulls_sigma_from_its_small_init_towards_the_prior(trained):
 
 
 def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny_model_dir, completion_data, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copytree(trained / "checkpoint-10", out / "checkpoint-10")
-    shutil.copytree(trained / "prepared", out / "prepared")
+    out = resume_dir(trained, "checkpoint-10", tmp_path)
     config = blob_config(tiny_model_dir, completion_data, out, resume_from_checkpoint=str(out / "checkpoint-10"))
     run_axolotl(config, tmp_path)
-    resumed, uninterrupted = saved_tensors(out), saved_tensors(trained)
-    assert resumed.keys() == uninterrupted.keys()
-    for key in resumed:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+    assert_identical_tensors(saved_tensors(out), saved_tensors(trained))
 
 
 def test_plain_peft_loads_the_result_as_the_posterior_mean(trained, tiny_model_dir):
