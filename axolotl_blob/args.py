@@ -85,6 +85,14 @@ def reject_keys(data: dict, feature: str, rows: tuple[tuple[str, str], ...]) -> 
             raise ValueError(f"{feature} cannot be combined with '{key}': {why}")
 
 
+def _fp16_by_default(data: dict) -> bool:
+    """Whether Axolotl will turn fp16 on by itself: bf16 left at 'auto' where no GPU supports bf16 (CPUs too)."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    unset = data.get("bf16", "auto") == "auto" and data.get("fp16") is None and not data.get("float16")
+    return unset and not data.get("use_ray") and not is_torch_bf16_gpu_available()
+
+
 def _deepspeed_config(value: Any) -> dict:
     if isinstance(value, dict):
         return value
@@ -179,6 +187,12 @@ class BlobPluginArgs(BaseModel):
             raise ValueError(
                 "optimizer: ivon cannot be combined with adapter: blob: BLoB already learns a posterior over A by "
                 "backprop, IVON would put a second one over the same weights; use adapter: lora with IVON"
+            )
+        if _fp16_by_default(data):
+            raise ValueError(
+                "optimizer: ivon with bf16 unset ('auto') on a machine without bf16 GPU support: Axolotl would switch "
+                "on fp16, whose loss scaler would unscale only the last MC sample's gradient; set 'bf16: true' "
+                "(bf16 autocast, also on CPU) or 'bf16: false' (fp32)"
             )
         if "optimizer" in _deepspeed_config(data.get("deepspeed")):
             raise ValueError(

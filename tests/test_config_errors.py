@@ -108,7 +108,7 @@ def test_token_calibration_needs_an_eval_split(tiny_model_dir, completion_data, 
 def ivon_base(tiny_model_dir, completion_data, tmp_path, **overrides) -> dict:
     config = base_config(
         tiny_model_dir, completion_data, tmp_path / "out", adapter="lora", optimizer="ivon", lora_qkv_kernel=False,
-        lora_o_kernel=False, lora_mlp_kernel=False,
+        lora_o_kernel=False, lora_mlp_kernel=False, bf16=True,
     )  # fmt: skip
     del config["blob"]
     config.update(overrides)
@@ -127,6 +127,7 @@ def test_ivon_bad_inputs(tiny_model_dir, completion_data, tmp_path):
         ({"adapter": "blob"}, "optimizer: ivon cannot be combined with adapter: blob"),
         ({"deepspeed": str(deepspeed_json)}, "DeepSpeed would silently replace IVON"),
         ({"fp16": True}, "optimizer: ivon cannot be combined with 'fp16': the loss scaler"),
+        ({"bf16": "auto"}, "optimizer: ivon with bf16 unset \\('auto'\\) on a machine without bf16 GPU support: Axolotl would switch on fp16"),
         ({"rl": "dpo"}, "optimizer: ivon cannot be combined with 'rl'"),
     ]
     for overrides, message in cases:
@@ -175,5 +176,5 @@ def test_valid_rank_scheduler_configs(tiny_model_dir, completion_data, tmp_path)
     assert cfg.rank_scheduler["beta1"] == 0.85 and cfg.rank_scheduler["orth_reg_weight"] == 0.1
     blob = {"adapter": "blob", "rank_scheduler": {"importance": "snr", "target_r": 2}}  # BLoB is its own posterior
     assert validate(tmp_path, rank_base(tiny_model_dir, completion_data, tmp_path, **blob)).rank_scheduler["importance"] == "snr"
-    ivon = {"optimizer": "ivon", "rank_scheduler": {"importance": "snr_abs", "target_r": 2}}
+    ivon = {"optimizer": "ivon", "bf16": True, "rank_scheduler": {"importance": "snr_abs", "target_r": 2}}
     assert validate(tmp_path, rank_base(tiny_model_dir, completion_data, tmp_path, **ivon)).optimizer == "ivon"
