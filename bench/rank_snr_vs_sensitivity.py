@@ -8,7 +8,8 @@
    `snr` reading an IVON state. Arms alternate round by round; medians.
 2. End to end: `axolotl.cli.train` on the two example configs (AdaLoRA + IVON + snr and AdaLoRA + AdamW +
    sensitivity), shortened to --steps optimizer steps with the schedule scaled to match and no calibration pass;
-   wall time of the process, the Trainer's train_runtime, and the final train loss, one run each, alternating.
+   wall time of the process, the Trainer's train_runtime, and the mean train loss; --e2e-rounds runs of each,
+   alternating, medians.
 """
 
 from __future__ import annotations
@@ -105,33 +106,40 @@ def shortened_config(path: Path, steps: int, output_dir: Path) -> dict:
     return config
 
 
-def end_to_end(steps: int, workdir: Path) -> dict:
+def run_config(name: str, path: Path, steps: int, workdir: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled"}
-    results = {}
-    for name, path in CONFIGS.items():
-        config_path = workdir / f"{name}.yml"
-        config_path.write_text(yaml.safe_dump(shortened_config(path, steps, workdir / name)))
-        start = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "axolotl.cli.train", str(config_path)], env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        log = run.stdout + run.stderr
-        (workdir / f"{name}.log").write_text(log)
-        if run.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{log[-3000:]}")
-        runtime = float(re.findall(r"'train_runtime': '?([0-9.]+)", log)[-1])
-        loss = float(re.findall(r"'train_loss': '?([0-9.]+)", log)[-1])
-        active = re.findall(r"'active_rank': '?([0-9]+)", log)
-        results[name] = {"wall_seconds": round(wall, 1), "train_runtime_seconds": runtime, "train_loss": loss,
-                         "final_active_rank": int(active[-1]) if active else None}  # fmt: skip
-    base = results["adalora_adamw_sensitivity"]
-    ours = results["adalora_ivon_snr"]
+    config_path = workdir / f"{name}.yml"
+    config_path.write_text(yaml.safe_dump(shortened_config(path, steps, workdir / name)))
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "axolotl.cli.train", str(config_path)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    log = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{log[-3000:]}")
+    active = re.findall(r"'active_rank': '?([0-9]+)", log)
+    return {
+        "wall_seconds": wall,
+        "train_runtime_seconds": float(re.findall(r"'train_runtime': '?([0-9.]+)", log)[-1]),
+        "train_loss": float(re.findall(r"'train_loss': '?([0-9.]+)", log)[-1]),
+        "final_active_rank": int(active[-1]) if active else None,
+    }
+
+
+def end_to_end(steps: int, rounds: int, workdir: Path) -> dict:
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    for _ in range(rounds):
+        for name, path in CONFIGS.items():
+            runs[name].append(run_config(name, path, steps, workdir))
+    ours, base = runs["adalora_ivon_snr"], runs["adalora_adamw_sensitivity"]
+
+    def median_ratio(key: str) -> float:
+        return round(statistics.median(a[key] / b[key] for a, b in zip(ours, base)), 3)
+
     return {
         "steps": steps,
-        "runs": results,
-        "ratio_ivon_snr_to_adamw_sensitivity": {
-            "wall": round(ours["wall_seconds"] / base["wall_seconds"], 3),
-            "train_runtime": round(ours["train_runtime_seconds"] / base["train_runtime_seconds"], 3),
-        },
+        "rounds": rounds,
+        "runs": runs,
+        "ratio_ivon_snr_to_adamw_sensitivity": {"wall": median_ratio("wall_seconds"), "train_runtime": median_ratio("train_runtime_seconds")},
     }
 
 
@@ -141,6 +149,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the end-to-end runs")
     parser.add_argument("--scheduler-steps", type=int, default=500, help="steps of the simulated scheduler run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--e2e-rounds", type=int, default=2)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -148,7 +157,7 @@ def main() -> None:
     result["scheduler_overhead"] = scheduler_overhead(args.model, args.scheduler_steps, args.rounds)
     if not args.skip_e2e:
         with tempfile.TemporaryDirectory() as workdir:
-            result["end_to_end"] = end_to_end(args.steps, Path(workdir))
+            result["end_to_end"] = end_to_end(args.steps, args.e2e_rounds, Path(workdir))
     emit(result, args.json)
 
 

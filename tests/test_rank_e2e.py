@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_identical_tensors, base_config, resume_dir, run_axolotl
+from conftest import TORCHRUN_2, assert_identical_tensors, base_config, resume_dir, run_axolotl
 from helpers.probe import PROBE_INPUT
 
 from axolotl_blob.rank.budget import BudgetSchedule
@@ -160,3 +160,18 @@ def test_schedule_longer_than_the_run_fails_before_training(tiny_model_dir, comp
     result = run_axolotl(config, tmp_path, expect_success=False)
     assert "t_init + rank_scheduler.t_final = 30 + 30 = 60 must be smaller than the run's 54 optimizer steps" in result.stderr
     assert "'loss'" not in result.stdout + result.stderr  # no training step ran
+
+
+@pytest.mark.slow
+def test_two_ranks_prune_alike(tiny_model_dir, completion_data, tmp_path):
+    """DDP (2 processes, gloo): IVON's synced posterior gives both ranks the same scores, masks and final adapter."""
+    out = tmp_path / "out"
+    config = rank_config(
+        tiny_model_dir, completion_data, out, "snr", optimizer="ivon", learning_rate=0.05, ddp_backend="gloo",
+        ivon={"ess": 2000.0, "hess_init": 0.01, "clip_radius": 0.01},
+    )  # fmt: skip
+    run_axolotl(config, tmp_path, launcher=TORCHRUN_2)
+    assert_identical_tensors(load_file(out / "rank1_adapter.safetensors"), load_file(out / "rank0_adapter.safetensors"))
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    assert state["log_history"][-1]["epoch"] == pytest.approx(STEPS / 27)  # 216 rows, 4 per rank and step: real DDP
+    assert_saved_pattern(out, 2 * MODULES)

@@ -78,7 +78,7 @@ def _layer_and_kind(name: str) -> tuple[str, str]:
 
 
 def write_rank_report(ranks: dict[str, int], initial_rank: int, output_dir: str | Path, plot: bool) -> None:
-    """rank_pattern.json ({module: final rank}) and a layer × module heat map of the final ranks."""
+    """rank_pattern.json ({module: final rank}) and a module × layer heat map of the final ranks."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"initial_rank": initial_rank, "total_rank": sum(ranks.values()), "ranks": ranks}
@@ -93,20 +93,21 @@ def write_rank_report(ranks: dict[str, int], initial_rank: int, output_dir: str 
     cells = {_layer_and_kind(name): rank for name, rank in ranks.items()}
     layers = sorted({layer for layer, _ in cells}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0))
     kinds = sorted({kind for _, kind in cells})
-    grid = torch.full((len(layers), len(kinds)), float("nan"))
+    grid = torch.full((len(kinds), len(layers)), float("nan"))
     for (layer, kind), rank in cells.items():
-        grid[layers.index(layer), kinds.index(kind)] = rank
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.35 * len(layers)))
+        grid[kinds.index(kind), layers.index(layer)] = rank
+    figure, axes = plt.subplots(figsize=(2.5 + 0.32 * len(layers), 1.4 + 0.45 * len(kinds)))
     image = axes.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=initial_rank, aspect="auto")
-    for row, layer in enumerate(layers):
-        for col, kind in enumerate(kinds):
+    for row, kind in enumerate(kinds):
+        for col, layer in enumerate(layers):
             if (layer, kind) in cells:
-                axes.text(col, row, str(cells[layer, kind]), ha="center", va="center", color="white", fontsize=8)
-    axes.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-    axes.set_yticks(range(len(layers)), layers)
-    axes.set_xlabel("module")
-    axes.set_ylabel("layer")
-    axes.set_title(f"final rank (of {initial_rank}), total {summary['total_rank']}")
+                rank = cells[layer, kind]
+                color = "black" if rank > 0.6 * initial_rank else "white"  # readable on viridis' light end
+                axes.text(col, row, str(rank), ha="center", va="center", color=color, fontsize=7)
+    axes.set_xticks(range(len(layers)), layers, fontsize=7)
+    axes.set_yticks(range(len(kinds)), kinds)
+    axes.set_xlabel("layer")
+    axes.set_title(f"final rank per module (of {initial_rank}), total {summary['total_rank']}")
     figure.colorbar(image, ax=axes, label="rank")
     figure.tight_layout()
     figure.savefig(output_dir / PLOT_FILE, dpi=120)
