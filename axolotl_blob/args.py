@@ -280,6 +280,8 @@ class BlobPluginArgs(BaseModel):
                 "remove one of them"
             )
         start = init_r if init_r is not None else lora_r
+        if adapter == "blob" and lora_r is None:
+            raise ValueError("adapter: blob with a rank_scheduler needs lora_r: the LoRA rank every module starts with")
         if start is None:
             raise ValueError("set rank_scheduler.init_r or lora_r: the rank every module starts with")
         target = block.get("target_r")
@@ -299,7 +301,12 @@ class BlobPluginArgs(BaseModel):
         max_steps, t_init, t_final = data.get("max_steps"), block.get("t_init", 0), block.get("t_final", 0)
         if isinstance(max_steps, int) and max_steps > 0 and isinstance(t_init, int) and isinstance(t_final, int):
             check_steps(t_init, t_final, max_steps)  # without max_steps: checked once the Trainer knows its count
+        reject_keys(data, "rank_scheduler", (
+            ("load_best_model_at_end", "the best checkpoint's ranks are not the final pattern that is saved; remove it"),
+        ))  # fmt: skip
         if adapter == "adalora":
+            if (data.get("peft") or {}).get("loftq_config"):
+                raise ValueError("adapter: adalora cannot be combined with 'peft.loftq_config': PEFT's AdaLoRA has no LoftQ")
             reject_keys(data, "adapter: adalora", (
                 ("rl", "rank scheduling is wired into supervised (SFT / pretraining) training; remove 'rl'"),
                 ("peft_use_dora", "AdaLoRA has no DoRA form (PEFT); remove 'peft_use_dora'"),
@@ -307,6 +314,8 @@ class BlobPluginArgs(BaseModel):
                 ("lora_target_parameters", "AdaLoRA wraps linear modules; use lora_target_modules instead"),
                 ("lora_rank_pattern", "AdaLoRA's ranks come from rank_scheduler; remove 'lora_rank_pattern'"),
                 ("lora_alpha_pattern", "AdaLoRA has one lora_alpha; remove 'lora_alpha_pattern'"),
+                ("peft_layer_replication", "PEFT's AdaLoRA has no layer replication; remove it"),
+                ("peft_trainable_token_indices", "PEFT's AdaLoRA has no trainable tokens; remove it"),
                 ("deepspeed", "pruning edits weights in place, which ZeRO's partitions would overwrite; use DDP"),
                 ("fsdp", "pruning reads and edits whole, unsharded factors; use DDP"),
                 ("fsdp_config", "pruning reads and edits whole, unsharded factors; use DDP"),
@@ -315,6 +324,9 @@ class BlobPluginArgs(BaseModel):
                     for kernel in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
                 ),
             ))  # fmt: skip
-        elif data.get("lora_rank_pattern"):
-            raise ValueError("rank_scheduler with lora_rank_pattern: every module must start at the same rank; remove it")
+        else:
+            reject_keys(data, "rank_scheduler", (
+                ("lora_rank_pattern", "every module starts at lora_r; remove it"),
+                ("lora_alpha_pattern", "the saved pattern sets each pruned module's alpha; remove it"),
+            ))  # fmt: skip
         return data

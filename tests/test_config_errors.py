@@ -160,6 +160,10 @@ RANK_BAD_INPUTS = [
     ("adalora without scheduler", {"rank_scheduler": None}, "adapter: adalora needs a 'rank_scheduler:' block"),
     ("scheduler with plain lora", {"adapter": "lora"}, "'rank_scheduler:' works with adapter: adalora or adapter: blob, not 'lora'"),
     ("adalora with DoRA", {"peft_use_dora": True}, "adapter: adalora cannot be combined with 'peft_use_dora'"),
+    ("best-model reload", {"load_best_model_at_end": True}, "rank_scheduler cannot be combined with 'load_best_model_at_end'"),
+    ("blob without lora_r", {"adapter": "blob", "lora_r": None, "rank_scheduler": {"importance": "snr", "target_r": 2, "init_r": 4}}, "adapter: blob with a rank_scheduler needs lora_r"),
+    ("blob with alpha pattern", {"adapter": "blob", "lora_alpha_pattern": {"q_proj": 16}, "rank_scheduler": {"importance": "snr", "target_r": 2}}, "rank_scheduler cannot be combined with 'lora_alpha_pattern'"),
+    ("adalora with LoftQ", {"peft": {"loftq_config": {"loftq_bits": 4}}}, "adapter: adalora cannot be combined with 'peft.loftq_config'"),
     ("regulariser with blob", {"adapter": "blob", "rank_scheduler": {"importance": "snr", "target_r": 2, "orth_reg_weight": 0.1}}, "adapter: blob has none"),
 ]
 

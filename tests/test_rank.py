@@ -162,9 +162,34 @@ def test_blob_snr_is_the_snr_of_the_rank_one_update():
     expected[1] *= 9 / 12
     expected[2] = 0.0
     torch.testing.assert_close(SnrImportance(folded=False).scores(module), expected)
-    # element (i, j) of s·B[:, k] A[k, :] is N(s B_ik M_kj, (s B_ik σ_kj)²): B cancels from its SNR
-    b = module.left[5, 0].item()
-    assert abs(b * mean[0, 3].item()) / abs(b * std[0, 3].item()) == pytest.approx((mean[0, 3] / std[0, 3]).abs().item())
+    folded = SnrImportance(folded=True).scores(module)
+    with torch.no_grad():  # B → 4B, A → A/4 (M and σ = G² alike): the same layer, so the same scores
+        module.left.mul_(4.0)
+        module.right.div_(4.0)
+        module.layer.blob_G["default"].div_(2.0)
+    torch.testing.assert_close(SnrImportance(folded=False).scores(module), expected)
+    torch.testing.assert_close(SnrImportance(folded=True).scores(module), folded)
+
+
+def test_sensitivity_skips_non_finite_gradients():
+    """An fp16 step the loss scaler skipped leaves inf gradients; observing them would poison the averages."""
+    model = toy_adalora()
+    modules = adapted_modules(model)
+    observed, reference = SensitivityImportance(0.85, 0.85), SensitivityImportance(0.85, 0.85)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.rand_like(param)
+    observed.observe(modules)
+    reference.observe(modules)
+    poisoned = modules[0].left
+    poisoned.grad[0, 0] = float("inf")
+    observed.observe(modules)
+    poisoned.grad = None  # the reference simply does not see that factor's step
+    reference.observe(modules)
+    for module in modules:
+        scores = observed.scores(module)
+        assert torch.isfinite(scores).all()
+        torch.testing.assert_close(scores, reference.scores(module), rtol=0, atol=0)
 
 
 def test_sensitivity_equals_peft_rank_allocator():
@@ -237,7 +262,7 @@ def test_scheduler_keeps_the_budget_and_then_the_final_mask():
         if step > schedule.final_step:
             assert scheduler.rank_pattern() == final_pattern  # new scores, same mask
             assert int((values != 0).sum()) == schedule.target  # re-applied after every step
-    assert scheduler.importance.observed == schedule.final_step  # no bookkeeping once the mask is final
+    assert scheduler.importance.observed == schedule.final_step - 1  # as PEFT: none at or after the final step
     restored = RankScheduler(modules, schedule, ShuffledImportance())
     restored.load_state_dict(scheduler.state_dict())
     assert restored.rank_pattern() == final_pattern and restored.final
@@ -293,3 +318,49 @@ def test_blob_cut_to_final_ranks_keeps_the_function_and_reloads(use_rslora, tmp_
     reloaded = PeftModel.from_pretrained(toy_base(), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), before, rtol=0, atol=1e-6)
+
+
+def test_callback_reapplies_the_final_mask_before_writing_it_into_the_adapter(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from axolotl_blob.args import RankSchedulerSettings
+    from axolotl_blob.rank.trainer import RankSchedulerCallback
+
+    model = toy_adalora(init_r=4, target_r=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    settings = RankSchedulerSettings(importance="sensitivity", target_r=2, t_init=1, t_final=2, delta_t=1, plots=False)
+    callback = RankSchedulerCallback(settings)
+    args, state, control = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(max_steps=6), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model, optimizer=None)
+    for step in range(6):
+        for param in params:
+            param.grad = torch.rand_like(param)
+        state.global_step = step
+        callback.on_optimizer_step(args, state, control)
+    modules = adapted_modules(model)
+    with torch.no_grad():  # e.g. training stopped early: dropped components have regrown since the last allocation
+        for module in modules:
+            module.values.add_(1.0)
+    callback.on_train_end(args, state, control, model=model)
+    assert int((torch.cat([module.values.flatten() for module in modules]) != 0).sum()) == 6  # 2 × 3 modules
+    config = model.peft_config["default"]
+    assert sum(sum(keep) for keep in config.rank_pattern.values()) == 6 and config.total_step == 6
+    report = json.loads((tmp_path / "rank_pattern.json").read_text())
+    assert report["total_rank"] == 6 and report["initial_rank"] == 4
+
+
+def test_callback_names_a_target_above_the_adapters_current_rank(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from axolotl_blob.args import RankSchedulerSettings
+    from axolotl_blob.rank.trainer import RankSchedulerCallback
+
+    model = toy_adalora(init_r=2, target_r=2)  # e.g. an adapter already pruned to 2, loaded by lora_model_dir
+    callback = RankSchedulerCallback(RankSchedulerSettings(importance="sensitivity", target_r=3, t_final=1))
+    with pytest.raises(ValueError, match=r"target_r 3 × 3 modules = 9 exceeds the adapter's current total rank 6"):
+        callback.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), TrainerState(max_steps=6), TrainerControl(), model=model)

@@ -4,8 +4,10 @@ The adapter is PEFT's AdaLoRA, so saved adapters load with plain `PeftModel.from
 ours rather than PEFT's: the rank allocation (:mod:`axolotl_blob.rank.scheduler`, driven by a Trainer
 callback instead of a hand-written loop), and the orthogonality regulariser, which PEFT adds inside the
 model's forward (then also to eval losses, and once per micro-batch whatever the gradient accumulation).
-Here it is added to the training loss only, as the AdaLoRA paper writes it:
-R = mean over modules of ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (PEFT uses the unsquared norm, averaged over matrices).
+Here it is added to the training loss only: per module the paper's R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F, averaged over
+modules as PEFT's code averages (the paper sums over modules; PEFT's code uses the unsquared norm), so
+orth_reg_weight does not scale with the number of adapted modules. PEFT's forward still computes its own term and
+adds it times 0 (a small cost, no effect).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ def load_adalora(model, cfg: DictDefault, settings: RankSchedulerSettings, infer
 
 
 def orthogonality_penalty(modules: list[AdaptedModule]) -> torch.Tensor:
-    """mean over modules of ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F, in fp32."""
+    """mean over modules of ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F, in fp32, on the first module's device."""
+    device = modules[0].left.device
     terms = []
     for module in modules:
         left, right = module.left.float(), module.right.float()
         eye = torch.eye(module.rank, device=left.device)
-        terms.append((left.T @ left - eye).square().sum() + (right @ right.T - eye).square().sum())
+        terms.append(((left.T @ left - eye).square().sum() + (right @ right.T - eye).square().sum()).to(device))
     return torch.stack(terms).mean()

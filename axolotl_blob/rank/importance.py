@@ -82,7 +82,8 @@ class SensitivityImportance:
     """AdaLoRA's score: I = |w ⊙ ∇w|, Ī ← β1 Ī + (1−β1) I, Ū ← β2 Ū + (1−β2)|I − Ī|, s = Ī ⊙ Ū.
 
     Reads `.grad` after the optimizer step (the Trainer clears gradients only afterwards); under IVON with
-    gradient accumulation that is the last micro-batch's gradient.
+    gradient accumulation that is the last micro-batch's gradient. A non-finite gradient (an fp16 step the loss
+    scaler skipped) is not observed: one inf would make the averages NaN for the rest of the run.
     """
 
     def __init__(self, beta1: float, beta2: float):
@@ -98,8 +99,11 @@ class SensitivityImportance:
                     continue
                 key = f"{module.name}.{role}"
                 sensitivity = (param.float() * param.grad.float()).abs()
-                smoothed = self.smoothed.setdefault(key, torch.zeros_like(sensitivity))
-                uncertainty = self.uncertainty.setdefault(key, torch.zeros_like(sensitivity))
+                if not torch.isfinite(sensitivity).all():
+                    continue
+                smoothed = self.smoothed.get(key, torch.zeros_like(sensitivity)).to(sensitivity.device)
+                uncertainty = self.uncertainty.get(key, torch.zeros_like(sensitivity)).to(sensitivity.device)
+                self.smoothed[key], self.uncertainty[key] = smoothed, uncertainty
                 smoothed.mul_(self.beta1).add_(sensitivity, alpha=1.0 - self.beta1)
                 uncertainty.mul_(self.beta2).add_((sensitivity - smoothed).abs_(), alpha=1.0 - self.beta2)
 
@@ -121,5 +125,6 @@ class SensitivityImportance:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Averages come back on the CPU; `observe` moves each to its parameter's device."""
         self.smoothed = {k.removeprefix("sensitivity."): v.clone() for k, v in state.items() if k.startswith("sensitivity.")}
         self.uncertainty = {k.removeprefix("uncertainty."): v.clone() for k, v in state.items() if k.startswith("uncertainty.")}

@@ -26,8 +26,7 @@ class RankScheduler:
         self.schedule = schedule
         self.importance = importance
         self.posterior = posterior  # IVON, whose posterior mean the pruning must edit; None otherwise
-        device = modules[0].right.device
-        self.keep = {module.name: torch.ones(module.rank, dtype=torch.bool, device=device) for module in modules}
+        self.keep = {module.name: torch.ones(module.rank, dtype=torch.bool, device=module.right.device) for module in modules}
         self.final = False
 
     @property
@@ -38,9 +37,10 @@ class RankScheduler:
     def step(self, step: int) -> None:
         """Run after optimizer step `step` (1-based count of completed steps)."""
         if self.final:
-            self._apply()
+            self.apply_mask()
             return
-        self.importance.observe(self.modules)
+        if step < self.schedule.final_step:  # as PEFT: the final allocation uses the scores of the steps before it
+            self.importance.observe(self.modules)
         if self.schedule.allocates(step):
             self.allocate(self.schedule.budget(step))
             self.final = step == self.schedule.final_step
@@ -53,10 +53,11 @@ class RankScheduler:
         keep = torch.ones_like(scores, dtype=torch.bool)
         keep[order[: scores.numel() - budget]] = False
         for module, module_keep in zip(self.modules, keep.split([m.rank for m in self.modules])):
-            self.keep[module.name] = module_keep.to(self.keep[module.name].device)
-        self._apply()
+            self.keep[module.name] = module_keep.to(module.right.device)
+        self.apply_mask()
 
-    def _apply(self) -> None:
+    def apply_mask(self) -> None:
+        """Zero the components the latest allocation dropped (they may have regrown since)."""
         for module in self.modules:
             prune_(module, self.keep[module.name], self.posterior)
 
@@ -72,10 +73,9 @@ class RankScheduler:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        device = self.modules[0].right.device
         saved = {k.removeprefix("keep."): v for k, v in state.items() if k.startswith("keep.")}
         if saved.keys() != self.keep.keys():
             raise ValueError("the saved rank-scheduler state does not match the model's adapted modules")
-        self.keep = {name: keep.to(device=device, dtype=torch.bool) for name, keep in saved.items()}
+        self.keep = {name: saved[name].to(device=keep.device, dtype=torch.bool) for name, keep in self.keep.items()}
         self.final = bool(state["final"])
-        self.importance.load_state_dict({k: v.to(device) for k, v in state.items() if k != "final" and not k.startswith("keep.")})
+        self.importance.load_state_dict({k: v for k, v in state.items() if k != "final" and not k.startswith("keep.")})

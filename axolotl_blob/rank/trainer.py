@@ -38,15 +38,23 @@ class RankSchedulerCallback(TrainerCallback):
         self.settings = settings
         self.scheduler: RankScheduler | None = None
         self.resume_state: dict[str, torch.Tensor] | None = None
+        self.initial_rank = 0
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         modules = adapted_modules(model)
         optimizer = unwrap_optimizer(optimizer)
         posterior = optimizer if isinstance(optimizer, IVON) else None
         initial = sum(module.rank for module in modules)
+        target = self.settings.target_r * len(modules)
+        if target > initial:
+            raise ValueError(
+                f"rank_scheduler.target_r {self.settings.target_r} × {len(modules)} modules = {target} exceeds the "
+                f"adapter's current total rank {initial} (does lora_model_dir hold an already pruned adapter?)"
+            )
+        self.initial_rank = max(module.rank for module in modules)
         schedule = BudgetSchedule(
             initial=initial,
-            target=self.settings.target_r * len(modules),
+            target=target,
             total_steps=state.max_steps,
             t_init=self.settings.t_init,
             t_final=self.settings.t_final,
@@ -67,14 +75,14 @@ class RankSchedulerCallback(TrainerCallback):
         scheduler = self.scheduler
         if not scheduler.final:
             LOG.warning("training ended before rank_scheduler reached its final budget; saving the current ranks")
+        scheduler.apply_mask()  # dropped components may have regrown since the last allocation
         ranks = {name: int(keep.sum()) for name, keep in scheduler.keep.items()}  # before BLoB's cut
         if scheduler.modules[0].kind == "adalora":
             commit_adalora_pattern(model, scheduler.modules, scheduler.keep, state.max_steps)
         else:
             commit_blob_pattern(model, scheduler.modules, scheduler.keep)
         if state.is_world_process_zero:
-            initial_rank = scheduler.schedule.initial // len(ranks)  # every module starts at init_r
-            write_rank_report(ranks, initial_rank, args.output_dir, self.settings.plots)
+            write_rank_report(ranks, self.initial_rank, args.output_dir, self.settings.plots)
 
 
 class RankTrainerMixin:
