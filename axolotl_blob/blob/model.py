@@ -33,13 +33,14 @@ class PosteriorSpec:
     sigma: str = "G**2"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
 
 def blob_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
     """(module name, layer, adapter name) for every adapter that carries a BLoB posterior."""
-    for name, module in _unwrap(model).named_modules():
+    for name, module in unwrap_model(model).named_modules():
         if isinstance(module, LoraLayer) and hasattr(module, POSTERIOR_PARAM):
             for adapter in module.blob_G:
                 yield name, module, adapter
@@ -48,7 +49,7 @@ def blob_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
 def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default") -> int:
     """Give every LoRA linear layer of `adapter_name` a BLoB posterior over A; returns how many."""
     count = 0
-    for module in _unwrap(model).modules():
+    for module in unwrap_model(model).modules():
         if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
             if module.use_dora.get(adapter_name, False):
                 raise ValueError("adapter: blob cannot be combined with DoRA (peft_use_dora)")
@@ -106,9 +107,14 @@ def posterior_sampling(model: nn.Module, enabled: bool) -> Iterator[None]:
             layer.blob_sampling = value
 
 
+def module_key(name: str) -> str:
+    """A module's path below PEFT's wrappers (`base_model.model.`): the key posterior files and rank patterns use."""
+    return name.removeprefix("base_model.model.")
+
+
 def _posterior_key(name: str, adapter: str) -> str:
-    """Key independent of wrappers and adapter name: the module path below the base model."""
-    name = name.removeprefix("base_model.model.")
+    """Key independent of wrappers and adapter name."""
+    name = module_key(name)
     return f"{name}.{POSTERIOR_PARAM}" if adapter == "default" else f"{name}.{POSTERIOR_PARAM}.{adapter}"
 
 

@@ -18,6 +18,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from axolotl_blob.blob.layer import POSTERIOR_PARAM, posterior_std
+from axolotl_blob.blob.model import blob_layers, module_key, unwrap_model
 
 AdapterKind = Literal["adalora", "blob"]
 
@@ -65,19 +66,15 @@ class AdaptedModule:
         return roles
 
 
-def _module_key(name: str) -> str:
-    """The module path below PEFT's wrappers (the key PEFT's rank_pattern and our posterior files use)."""
-    return name.removeprefix("module.").removeprefix("base_model.model.")
-
-
 def adapted_modules(model: nn.Module) -> list[AdaptedModule]:
     """Every AdaLoRA layer, or every BLoB layer, of `model`, in module order."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, AdaLoraLayer):
-            found += [AdaptedModule(_module_key(name), module, adapter, "adalora") for adapter in module.lora_E]
-        elif isinstance(module, LoraLayer) and hasattr(module, POSTERIOR_PARAM):
-            found += [AdaptedModule(_module_key(name), module, a, "blob") for a in getattr(module, POSTERIOR_PARAM)]
+    found = [
+        AdaptedModule(module_key(name), layer, adapter, "adalora")
+        for name, layer in unwrap_model(model).named_modules()
+        if isinstance(layer, AdaLoraLayer)
+        for adapter in layer.lora_E
+    ]
+    found += [AdaptedModule(module_key(name), layer, adapter, "blob") for name, layer, adapter in blob_layers(model)]
     if not found:
         raise ValueError("rank_scheduler found no AdaLoRA or BLoB layers; check lora_target_modules / lora_target_linear")
     return found

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from axolotl_blob.blob.layer import POSTERIOR_PARAM
+from axolotl_blob.blob.model import unwrap_model
 from axolotl_blob.rank.modules import AdaptedModule
 
 PATTERN_FILE = "rank_pattern.json"
@@ -26,7 +27,7 @@ PLOT_FILE = "rank_pattern.png"
 
 
 def peft_config_of(model: nn.Module, adapter: str):
-    return getattr(model, "module", model).peft_config[adapter]
+    return unwrap_model(model).peft_config[adapter]
 
 
 def commit_adalora_pattern(model: nn.Module, modules: list[AdaptedModule], keep: dict[str, torch.Tensor], total_steps: int) -> None:
