@@ -1,8 +1,8 @@
 """BlobPlugin: Axolotl's hooks, each a few lines that hand over to the modules that hold the science.
 
 Every hook does nothing unless a feature of this plugin is selected, so the plugin is safe to auto-load.
-Order in a training run: register → (config validation: args.py) → load_adapter → get_trainer_cls →
-add_callbacks_post_trainer → post_train.
+Order in a training run: register → (config validation: args.py) → pre_model_load → pre_lora_load →
+load_adapter → get_trainer_cls → add_callbacks_post_trainer → post_train.
 """
 
 from __future__ import annotations
@@ -13,17 +13,27 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
+from transformers import set_seed
 
 from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings, RankSchedulerSettings
-from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, save_posterior
+from axolotl_blob.blob.model import (
+    POSTERIOR_CONFIG_FILE,
+    POSTERIOR_FILE,
+    bayesianize,
+    load_posterior,
+    missing_posterior_files,
+    save_posterior,
+)
 from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
+from axolotl_blob.checkpoints import check_resumable, resume_checkpoint
 from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
 from axolotl_blob.rank.adalora import load_adalora
 from axolotl_blob.rank.budget import check_steps
+from axolotl_blob.rank.trainer import STATE_FILE as RANK_STATE_FILE
 from axolotl_blob.rank.trainer import rank_trainer_cls
 
 LOG = get_logger(__name__)
@@ -54,6 +64,27 @@ def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> Calib
     return CalibrationEvaluator(settings, samples)
 
 
+def uses_plugin_features(cfg: DictDefault) -> bool:
+    return cfg.adapter in ("blob", "adalora") or cfg.optimizer == "ivon" or bool(cfg.rank_scheduler or cfg.calibration)
+
+
+def adapter_seed(cfg: DictDefault) -> int:
+    """The run's seed: `seed`, else the Trainer's default (the seed its data order and noise then use)."""
+    from transformers import TrainingArguments
+
+    return cfg.seed if cfg.seed is not None else TrainingArguments.__dataclass_fields__["seed"].default
+
+
+def checkpoint_files(cfg: DictDefault) -> list[str]:
+    """What a checkpoint of this run holds besides the Trainer's own state (checkpoints.py: complete)."""
+    files = ["adapter_model.safetensors"] if cfg.adapter else []
+    if cfg.adapter == "blob":
+        files += [POSTERIOR_FILE, POSTERIOR_CONFIG_FILE]
+    if cfg.rank_scheduler:
+        files.append(RANK_STATE_FILE)
+    return files
+
+
 def _without_reinitialisation(config):
     """Axolotl ≥ 0.20 re-draws lora_A after loading when the returned config says init_lora_weights=True."""
     config = copy.copy(config)
@@ -74,6 +105,18 @@ class BlobPlugin(BasePlugin):
     def register(self, cfg: dict):
         patch_model_loader()  # each patch acts only when its condition holds (compat.py)
         configure_cpu_runs()
+
+    def pre_model_load(self, cfg: DictDefault):
+        """A run that resumes must resume from a complete checkpoint: checked before any weights load."""
+        checkpoint = resume_checkpoint(cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints, cfg.output_dir)
+        if checkpoint is not None and uses_plugin_features(cfg):
+            check_resumable(checkpoint, checkpoint_files(cfg))
+
+    def pre_lora_load(self, cfg: DictDefault, model):
+        """Axolotl 0.19 draws LoRA's A (and then BLoB's σ) from the unseeded global generator; 0.21 seeds it inside
+        load_lora. Seeded here for every run that uses this plugin, so the same seed gives the same adapter."""
+        if uses_plugin_features(cfg):
+            set_seed(adapter_seed(cfg))
 
     def load_adapter(self, model, cfg: DictDefault, inference: bool = False, config_only: bool = False):
         """blob: the PEFT LoRA model exactly as `adapter: lora` would build it, with a posterior on every A.

@@ -9,16 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from peft.tuners.lora.layer import LoraLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from axolotl_blob.blob.kl import gaussian_kl, gaussian_kl_grads
 from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, posterior_std
+from axolotl_blob.io import save_tensors, write_json
 
 POSTERIOR_FILE = "blob_posterior.safetensors"
 POSTERIOR_CONFIG_FILE = "blob_config.json"
@@ -126,39 +126,75 @@ def posterior_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_posterior(model: nn.Module, directory: str | Path, spec: PosteriorSpec) -> None:
-    """Write the σ factors and their parameterisation beside the PEFT adapter in `directory`."""
+    """Write the σ factors and their parameterisation beside the PEFT adapter in `directory`, each file whole."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(posterior_state_dict(model), directory / POSTERIOR_FILE)
-    (directory / POSTERIOR_CONFIG_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    save_tensors(directory / POSTERIOR_FILE, posterior_state_dict(model))
+    write_json(directory / POSTERIOR_CONFIG_FILE, asdict(spec))
+
+
+class PosteriorFileError(ValueError):
+    """A saved posterior that cannot be used with this model; the message names the file and the fix."""
+
+
+UNREADABLE_ADVICE = (
+    "it was probably cut short by a process that died while writing it. Resume from an earlier checkpoint, or "
+    "point lora_model_dir at an intact output of an 'adapter: blob' run"
+)
+MISMATCH_ADVICE = (
+    "it was saved for another model or adapter shape. Use the same base_model, lora_r, lora_target_modules / "
+    "lora_target_linear (and rank_scheduler) as the run that saved it, or another directory"
+)
 
 
 def read_posterior_spec(directory: str | Path) -> PosteriorSpec:
-    return PosteriorSpec(**json.loads((Path(directory) / POSTERIOR_CONFIG_FILE).read_text()))
+    path = Path(directory) / POSTERIOR_CONFIG_FILE
+    try:
+        values = json.loads(path.read_text())
+        names = {f.name for f in fields(PosteriorSpec)}
+        if not isinstance(values, dict) or not values.keys() <= names:
+            raise ValueError(f"expected an object with keys {sorted(names)}, got {values!r:.200}")
+        return PosteriorSpec(**values)
+    except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        raise PosteriorFileError(f"{path} is not a valid BLoB posterior config ({error}): {UNREADABLE_ADVICE}") from error
 
 
 def missing_posterior_files(directory: str | Path) -> list[str]:
     return [f for f in (POSTERIOR_FILE, POSTERIOR_CONFIG_FILE) if not (Path(directory) / f).is_file()]
 
 
+def read_posterior_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise PosteriorFileError(f"{path} is truncated or corrupt ({error}): {UNREADABLE_ADVICE}") from error
+
+
 @torch.no_grad()
 def load_posterior(model: nn.Module, directory: str | Path) -> None:
-    """Copy saved σ factors into the model; every posterior must be matched exactly, in both directions."""
+    """Copy saved σ factors into the model; every posterior must be matched exactly, in both directions, before
+    any is copied (a mismatch leaves the model untouched)."""
     missing = missing_posterior_files(directory)
     if missing:
         raise FileNotFoundError(f"{directory} has no BLoB posterior ({', '.join(missing)} missing)")
     spec = read_posterior_spec(directory)
     if spec.sigma != "G**2":
-        raise ValueError(f"{directory}: unsupported sigma parameterisation {spec.sigma!r}")
-    saved = load_file(str(Path(directory) / POSTERIOR_FILE))
+        raise PosteriorFileError(f"{directory}/{POSTERIOR_CONFIG_FILE}: unsupported sigma parameterisation {spec.sigma!r}")
+    path = Path(directory) / POSTERIOR_FILE
+    saved = read_posterior_tensors(path)
     expected = {_posterior_key(name, adapter): layer.blob_G[adapter] for name, layer, adapter in blob_layers(model)}
     if saved.keys() != expected.keys():
         absent, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
-        raise ValueError(
-            f"{directory}/{POSTERIOR_FILE} does not match the model's BLoB layers: "
-            f"missing {absent[:3]}{'…' if len(absent) > 3 else ''}, unexpected {extra[:3]}"
+        raise PosteriorFileError(
+            f"{path} does not match the model's BLoB layers (missing {absent[:3]}{'…' if len(absent) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}): {MISMATCH_ADVICE}"
         )
     for key, param in expected.items():
         if saved[key].shape != param.shape:
-            raise ValueError(f"{key}: saved shape {tuple(saved[key].shape)} != model shape {tuple(param.shape)}")
+            raise PosteriorFileError(
+                f"{path}: {key} has shape {tuple(saved[key].shape)}, the model's is {tuple(param.shape)}: {MISMATCH_ADVICE}"
+            )
+    for key, param in expected.items():
         param.copy_(saved[key])

@@ -10,7 +10,6 @@ rank 0, so a module that lost every component keeps one whose B column is zero: 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 from axolotl_blob.blob.layer import POSTERIOR_PARAM
 from axolotl_blob.blob.model import unwrap_model
+from axolotl_blob.io import replaced_whole, write_json
 from axolotl_blob.rank.modules import AdaptedModule
 
 PATTERN_FILE = "rank_pattern.json"
@@ -81,9 +81,8 @@ def _layer_and_kind(name: str) -> tuple[str, str]:
 def write_rank_report(ranks: dict[str, int], initial_rank: int, output_dir: str | Path, plot: bool) -> None:
     """rank_pattern.json ({module: final rank}) and a module × layer heat map of the final ranks."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"initial_rank": initial_rank, "total_rank": sum(ranks.values()), "ranks": ranks}
-    (output_dir / PATTERN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(output_dir / PATTERN_FILE, summary)
     if not plot:
         return
     import matplotlib
@@ -111,5 +110,6 @@ def write_rank_report(ranks: dict[str, int], initial_rank: int, output_dir: str 
     axes.set_title(f"final rank per module (of {initial_rank}), total {summary['total_rank']}")
     figure.colorbar(image, ax=axes, label="rank")
     figure.tight_layout()
-    figure.savefig(output_dir / PLOT_FILE, dpi=120)
+    with replaced_whole(output_dir / PLOT_FILE) as temporary:
+        figure.savefig(temporary, dpi=120)
     plt.close(figure)

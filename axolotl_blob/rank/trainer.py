@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 from axolotl.utils.logging import get_logger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from axolotl_blob.args import RankSchedulerSettings
+from axolotl_blob.io import save_tensors
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import unwrap_optimizer
 from axolotl_blob.rank.adalora import orthogonality_penalty
@@ -126,7 +127,7 @@ class RankTrainerMixin:
         scheduler = self.rank_callback.scheduler
         if scheduler is not None:
             tensors = {key: value.contiguous() for key, value in scheduler.state_dict().items()}
-            save_file(tensors, str(Path(output_dir or self.args.output_dir) / STATE_FILE))
+            save_tensors(Path(output_dir or self.args.output_dir) / STATE_FILE, tensors)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
