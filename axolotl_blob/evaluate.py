@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, read_posterior_spec
 from axolotl_blob.calibration.report import TABLE_METRICS, format_table
+from axolotl_blob.io import non_finite_as_null, write_json
 from axolotl_blob.sampling import sampler_for
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     print(format_table(reports))
     summary = {name: {m: report[m] for m in (*TABLE_METRICS, "n", "n_samples")} for name, report in reports.items()}
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, non_finite_as_null(summary))
     return summary
 
 

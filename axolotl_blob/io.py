@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,18 @@ def replaced_whole(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with replaced_whole(path) as temporary:
         temporary.write_text(text)
+
+
+def non_finite_as_null(payload):
+    """`payload` with every NaN / ±Infinity float replaced by None, for reports where a statistic can be undefined
+    (an empty confidence bin has no accuracy): JSON's `null`."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: non_finite_as_null(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [non_finite_as_null(value) for value in payload]
+    return payload
 
 
 def write_json(path: str | Path, payload) -> None:

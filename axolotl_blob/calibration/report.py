@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 from axolotl_blob.calibration.metrics import CalibrationState
+from axolotl_blob.io import non_finite_as_null, replaced_whole, write_json as write_strict_json
 
 TABLE_METRICS = ("acc", "ece", "mce", "nll", "brier", "confidence", "entropy", "mutual_info")
 CONFIDENCE_DEFINITION = "top-label probability max_k p_k of the posterior-averaged predictive distribution"
@@ -19,7 +18,6 @@ def dataset_report(state: CalibrationState, n_samples: int) -> dict:
 
 
 def write_json(path: Path, step: int, n_bins: int, mode: str, reports: dict[str, dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "step": step,
         "mode": mode,
@@ -28,7 +26,7 @@ def write_json(path: Path, step: int, n_bins: int, mode: str, reports: dict[str,
         "confidence": CONFIDENCE_DEFINITION,
         "datasets": reports,
     }
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_strict_json(path, non_finite_as_null(payload))  # statistics of empty bins are null
 
 
 def reliability_diagram(report: dict, title: str, path: Path) -> None:
@@ -41,7 +39,7 @@ def reliability_diagram(report: dict, title: str, path: Path) -> None:
     bins = report["bins"]
     width = bins[0]["upper"] - bins[0]["lower"]
     centres = [b["lower"] + width / 2 for b in bins]
-    accuracy = [0.0 if math.isnan(b["accuracy"]) else b["accuracy"] for b in bins]
+    accuracy = [b["accuracy"] if b["count"] else 0.0 for b in bins]  # an empty bin's NaN (null in the JSON)
     figure, axis = plt.subplots(figsize=(4.8, 4.8))
     axis.bar(centres, accuracy, width=width * 0.95, color="#4477aa", edgecolor="black", label="accuracy")
     gaps = [(c, b["confidence"]) for c, b in zip(centres, bins) if b["count"]]
@@ -54,8 +52,8 @@ def reliability_diagram(report: dict, title: str, path: Path) -> None:
     axis.set_title(f"{title}\nacc {report['acc']:.3f}  ECE {report['ece']:.3f}  NLL {report['nll']:.3f}", fontsize=9)
     axis.legend(loc="upper left", fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with replaced_whole(path) as temporary:
+        figure.savefig(temporary, dpi=120)
     plt.close(figure)
 
 
