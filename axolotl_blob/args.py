@@ -108,6 +108,9 @@ class CalibrationDataset(StrictBlock):
 
     path: str
     name: str | None = Field(None, description="names the metrics when there are several datasets; default: file stem")
+    ood: bool = Field(
+        False, description="out-of-distribution: also report the AUROC of telling it apart from the other datasets"
+    )
 
     @property
     def label(self) -> str:
@@ -141,9 +144,28 @@ class CalibrationSettings(StrictBlock):
             labels = [dataset.label for dataset in self.datasets]
             if len(set(labels)) != len(labels):
                 raise ValueError(f"calibration.datasets: names {labels} repeat; give each a distinct 'name'")
+            self._check_ood_label_sets()
         elif self.datasets:
             raise ValueError("calibration.mode 'tokens' scores Axolotl's own eval split; remove calibration.datasets")
         return self
+
+    def _check_ood_label_sets(self) -> None:
+        """OOD questions must be scored over the same answer labels as the in-distribution ones, or max
+        probabilities over different numbers of choices would be compared."""
+        ood = [d for d in self.datasets if d.ood]
+        if not ood:
+            return
+        in_distribution = [d for d in self.datasets if not d.ood]
+        if not in_distribution:
+            raise ValueError("calibration.datasets: every dataset is 'ood: true'; keep at least one in-distribution one")
+        counts = {len(e["choices"]) for d in in_distribution for e in read_examples(d.path)}
+        for dataset in ood:
+            extra = sorted({len(e["choices"]) for e in read_examples(dataset.path)} - counts)
+            if extra:
+                raise ValueError(
+                    f"calibration.datasets: OOD file '{dataset.path}' has questions with {extra} choices, the "
+                    f"in-distribution datasets only {sorted(counts)}: an OOD set must use the same answer labels"
+                )
 
 
 class RankSchedulerSettings(StrictBlock):

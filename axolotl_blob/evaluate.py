@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, read_posterior_spec
-from axolotl_blob.calibration.report import TABLE_METRICS, format_table
+from axolotl_blob.calibration.report import format_table, scalar_metrics
 from axolotl_blob.io import non_finite_as_null, write_json
 from axolotl_blob.sampling import sampler_for
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("config", help="the Axolotl YAML config (its calibration: block names the datasets)")
     parser.add_argument("--adapter", required=True, type=Path, help="directory of the saved adapter")
     parser.add_argument("--samples", type=int, default=None, help="posterior samples; 0 = posterior mean")
-    parser.add_argument("--json", type=Path, default=None, help="write {dataset: {acc, ece, mce, nll, brier, …}}")
+    parser.add_argument("--json", type=Path, default=None, help="write {dataset: {acc, ece, …, aurc_by_confidence, …, ood_auroc_by_mutual_info}}")
     args = parser.parse_args(argv)
 
     from axolotl.cli.config import load_cfg
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.bf16 is True else contextlib.nullcontext
     reports = evaluator.evaluate(model, load_tokenizer(cfg), sampler_for(model), autocast=autocast)
     print(format_table(reports))
-    summary = {name: {m: report[m] for m in (*TABLE_METRICS, "n", "n_samples")} for name, report in reports.items()}
+    summary = {name: scalar_metrics(report) for name, report in reports.items()}
     if args.json:
         write_json(args.json, non_finite_as_null(summary))
     return summary

@@ -93,9 +93,10 @@ def test_state_round_trips_through_a_flat_tensor_and_sums_across_shards():
     whole, first, second = CalibrationState(15), CalibrationState(15), CalibrationState(15)
     whole.update(probs, labels)
     first.update(probs[:120], labels[:120])
-    second.update(probs[120:], labels[120:])
+    second.update(probs[120:], labels[120:], indices=torch.arange(120, 300))
     merged = CalibrationState(15)
     merged.load_tensor(first.as_tensor() + second.as_tensor())  # what an all-reduce(SUM) produces
+    merged.records = torch.cat([first.records, second.records])  # what the all-gather produces
     assert merged.compute() == pytest.approx(whole.compute())
 
 

@@ -1,4 +1,8 @@
-"""One calibration evaluation of a model: every dataset of the `calibration:` block, scored and reported."""
+"""One calibration evaluation of a model: every dataset of the `calibration:` block, scored and reported.
+
+Datasets marked `ood: true` are scored like the others and, in addition, get the AUROC of telling their questions
+apart from the pooled in-distribution ones by max probability, predictive entropy and mutual information.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from axolotl_blob.args import CalibrationSettings
-from axolotl_blob.calibration.report import dataset_report, reliability_diagram, write_json
+from axolotl_blob.calibration.metrics import CalibrationState
+from axolotl_blob.calibration.ood import OOD_SCORES, ood_metrics
+from axolotl_blob.calibration.report import (
+    dataset_report,
+    reliability_diagram,
+    risk_coverage_plot,
+    scalar_metrics,
+    write_json,
+)
 from axolotl_blob.calibration.scoring import AutocastFactory, score_choices, score_tokens
 from axolotl_blob.multiple_choice import label_token_ids, read_examples
 from axolotl_blob.sampling import PosteriorSampler
@@ -45,13 +58,17 @@ class CalibrationEvaluator:
         if s.mode == "tokens":
             state = score_tokens(model, eval_batches, sampler, self.n_samples, s.n_bins, autocast)
             return {TOKENS_DATASET: dataset_report(state, used)}
-        return {
-            name: dataset_report(
-                score_choices(model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast),
-                used,
-            )
+        states = {
+            name: score_choices(model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast)
             for name, examples in self.examples.items()
         }
+        reports = {name: dataset_report(state, used) for name, state in states.items()}
+        in_distribution = _uncertainties([states[d.label] for d in s.datasets if not d.ood])
+        for dataset in s.datasets:
+            if dataset.ood:
+                ood = ood_metrics(in_distribution, _uncertainties([states[dataset.label]]))
+                reports[dataset.label].update(ood=True, **ood)
+        return reports
 
     def metric_names(self, reports: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
         """`eval_acc`, … for one dataset; `eval_<dataset>_acc`, … for several."""
@@ -59,8 +76,8 @@ class CalibrationEvaluator:
         return {
             f"{prefix}_{metric}" if single else f"{prefix}_{name}_{metric}": value
             for name, report in reports.items()
-            for metric, value in report.items()
-            if metric not in ("bins", "n", "n_samples")
+            for metric, value in scalar_metrics(report).items()
+            if metric not in ("n", "n_samples")
         }
 
     def save(self, reports: dict[str, dict], directory: Path, step: int) -> None:
@@ -69,3 +86,9 @@ class CalibrationEvaluator:
             for name, report in reports.items():
                 title = f"{name}, step {step}, N = {report['n_samples']}"
                 reliability_diagram(report, title, directory / f"{name}-step-{step}.png")
+                risk_coverage_plot(report, title, directory / f"{name}-step-{step}-risk-coverage.png")
+
+
+def _uncertainties(states: list[CalibrationState]) -> dict[str, torch.Tensor]:
+    """Per-example confidence, entropy and mutual information of the examples of `states`, pooled."""
+    return {name: torch.cat([state.record(name) for state in states]) for name in OOD_SCORES}

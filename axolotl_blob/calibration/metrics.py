@@ -1,7 +1,9 @@
-"""Calibration metrics from averaged predictive probabilities, as summable state (update / merge / compute).
+"""Calibration metrics from averaged predictive probabilities, as state (update / merge / compute).
 
-Every state is a sum, so per-process states add up to the global one (all-reduce, then compute): the metrics are
-correct under multi-process evaluation by construction. Confidence is the top-label probability max_k p_k.
+Two kinds of state, each correct under multi-process evaluation by construction: sums (the bins and totals), which
+add up across processes (all-reduce), and one record per example (its index, confidence, correctness, entropy and
+mutual information), which processes concatenate (all-gather, then order by index) for the rankings of selective
+prediction and OOD detection. Confidence is the top-label probability max_k p_k.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from axolotl_blob.calibration.selective import risk_coverage_grid, selective_metrics
+
 EPS = 1e-12
+RECORD_FIELDS = ("index", "confidence", "correct", "entropy", "mutual_info")
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -21,23 +26,33 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CalibrationState:
-    """Sums over examples; `bin_*` are per equal-width confidence bin."""
+    """Sums over examples (`bin_*` per equal-width confidence bin) and one row of RECORD_FIELDS per example."""
 
     n_bins: int = 15
     bin_count: torch.Tensor = field(init=False)
     bin_confidence: torch.Tensor = field(init=False)
     bin_correct: torch.Tensor = field(init=False)
     totals: torch.Tensor = field(init=False)  # count, correct, nll, brier, entropy, mutual information
+    records: torch.Tensor = field(init=False)  # (examples, len(RECORD_FIELDS)), float64
 
     def __post_init__(self):
         self.bin_count = torch.zeros(self.n_bins, dtype=torch.float64)
         self.bin_confidence = torch.zeros(self.n_bins, dtype=torch.float64)
         self.bin_correct = torch.zeros(self.n_bins, dtype=torch.float64)
         self.totals = torch.zeros(6, dtype=torch.float64)
+        self.records = torch.zeros(0, len(RECORD_FIELDS), dtype=torch.float64)
 
-    def update(self, probs: torch.Tensor, labels: torch.Tensor, draw_entropy: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        draw_entropy: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+    ) -> None:
         """probs: (n, K) averaged predictive probabilities; labels: (n,); draw_entropy: optional (n,) mean over
-        posterior draws of H(p_n), for the mutual information H(p̄) − mean_n H(p_n) (epistemic uncertainty)."""
+        posterior draws of H(p_n), for the mutual information H(p̄) − mean_n H(p_n) (epistemic uncertainty);
+        indices: each example's position in the whole evaluation (default: the order of updates), which orders
+        the records gathered from several processes."""
         probs, labels = probs.detach().double().cpu(), labels.detach().cpu()
         confidence, prediction = probs.max(-1)
         correct = (prediction == labels).double()
@@ -54,6 +69,11 @@ class CalibrationState:
             if draw_entropy is not None
             else torch.zeros_like(predictive_entropy)
         )
+        if indices is None:
+            start = len(self.records)
+            indices = torch.arange(start, start + len(labels))
+        rows = [indices.double().cpu(), confidence, correct, predictive_entropy, mutual_information]
+        self.records = torch.cat([self.records, torch.stack(rows, dim=1)])
         self.totals += torch.stack(
             [
                 torch.tensor(float(len(labels)), dtype=torch.float64),
@@ -64,6 +84,10 @@ class CalibrationState:
                 mutual_information.sum(),
             ]
         )
+
+    def record(self, name: str) -> torch.Tensor:
+        """One per-example field (a column of RECORD_FIELDS), in index order once gathered."""
+        return self.records[:, RECORD_FIELDS.index(name)]
 
     def as_tensor(self) -> torch.Tensor:
         return torch.cat([self.bin_count, self.bin_confidence, self.bin_correct, self.totals])
@@ -96,7 +120,15 @@ class CalibrationState:
             "confidence": self.bin_confidence.sum().item() / n,
             "n": int(n),
         }
+        metrics.update(selective_metrics(*self._ranking_records()))
         return metrics
+
+    def _ranking_records(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.record("confidence"), self.record("mutual_info"), self.record("correct")
+
+    def risk_coverage(self) -> dict:
+        """The risk–coverage curves (by max probability and by mutual information) on a 2 % coverage grid."""
+        return risk_coverage_grid(*self._ranking_records())
 
     def bins(self) -> list[dict]:
         """Per-bin counts, mean confidence and accuracy, for the JSON report and the reliability diagram."""

@@ -3,13 +3,14 @@
 `choices`: multiple-choice prompts; the next-token logits at the last prompt position restricted to the choice
 labels (A, B, …), softmaxed over those K, averaged as probabilities over the posterior draws.
 `tokens`: every supervised next token of an ordinary eval dataloader, K = the vocabulary.
-Examples are sharded over ranks and the summed states all-reduced, so every rank returns the global metrics.
+Examples are sharded over ranks; the summed states are all-reduced and the per-example records all-gathered, so
+every rank returns the global metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,11 +29,35 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_state(state: CalibrationState) -> CalibrationState:
+def _collective_device() -> torch.device:
+    """NCCL moves only CUDA tensors; gloo (CPU) takes CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every process's rows (different counts allowed), concatenated in rank order, on every process."""
+    device, world = _collective_device(), dist.get_world_size()
+    count = torch.tensor([len(rows)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = rows.new_zeros((longest, *rows.shape[1:])).to(device)
+    padded[: len(rows)] = rows.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)]).cpu()
+
+
+def synchronize_state(state: CalibrationState) -> CalibrationState:
+    """The global state on every process: sums all-reduced, records gathered and put in index order."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flat = state.as_tensor()
+        flat = state.as_tensor().to(_collective_device())
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         state.load_tensor(flat)
+        records = gather_rows(state.records)
+        state.records = records[torch.argsort(records[:, 0], stable=True)]
     return state
 
 
@@ -46,27 +71,28 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def score_choices(
+def choice_probabilities(
     model: nn.Module,
     tokenizer,
     examples: Sequence[dict],
     sampler: PosteriorSampler,
     n_samples: int,
-    n_bins: int = 15,
     batch_size: int = 8,
     autocast: AutocastFactory = contextlib.nullcontext,
-) -> CalibrationState:
-    """Calibration state of multiple-choice `examples` (dicts with question, choices, answer)."""
-    rank, world = _rank_and_world()
+) -> Iterator[tuple[Sequence[dict], torch.Tensor, torch.Tensor | None]]:
+    """Per batch of multiple-choice `examples` (dicts with question and choices): the batch, the (batch, K)
+    posterior-averaged probabilities over the choice labels (0 beyond an example's own choices, fp64), and the
+    mean over draws of each draw's entropy H(p_n) (None for a single pass)."""
+    if not examples:  # a rank with no shard of a tiny dataset
+        return
     max_choices = max(len(example["choices"]) for example in examples)
     label_ids = torch.tensor(label_token_ids(tokenizer, max_choices))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
-    state = CalibrationState(n_bins)
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(list(examples[rank::world]), batch_size):
+        for batch in _batches(list(examples), batch_size):
             prompts = [prompt_token_ids(tokenizer, format_prompt(e["question"], e["choices"])) for e in batch]
             lengths = torch.tensor([len(p) for p in prompts])
             input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
@@ -82,11 +108,32 @@ def score_choices(
                 choice_logits = last[:, label_ids].masked_fill(~valid, float("-inf"))
                 draws.append(torch.softmax(choice_logits.double(), dim=-1))
             stacked = torch.stack(draws)
-            answers = torch.tensor([e["answer"] for e in batch])
-            state.update(stacked.mean(0), answers, entropy(stacked).mean(0) if len(draws) > 1 else None)
+            yield batch, stacked.mean(0), entropy(stacked).mean(0) if len(draws) > 1 else None
     finally:
         model.train(was_training)
-    return all_reduce_state(state)
+
+
+def score_choices(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    sampler: PosteriorSampler,
+    n_samples: int,
+    n_bins: int = 15,
+    batch_size: int = 8,
+    autocast: AutocastFactory = contextlib.nullcontext,
+) -> CalibrationState:
+    """Calibration state of multiple-choice `examples` (dicts with question, choices, answer)."""
+    rank, world = _rank_and_world()
+    state = CalibrationState(n_bins)
+    scored = 0
+    for batch, probs, draw_entropy in choice_probabilities(
+        model, tokenizer, examples[rank::world], sampler, n_samples, batch_size, autocast
+    ):
+        indices = rank + world * torch.arange(scored, scored + len(batch))  # position in `examples`
+        scored += len(batch)
+        state.update(probs, torch.tensor([e["answer"] for e in batch]), draw_entropy, indices)
+    return synchronize_state(state)
 
 
 @torch.no_grad()
@@ -121,4 +168,4 @@ def score_tokens(
             state.update(prob_sum / count, labels[mask], draw_entropy_sum / count if count > 1 else None)
     finally:
         model.train(was_training)
-    return all_reduce_state(state)
+    return synchronize_state(state)
