@@ -90,8 +90,8 @@ def risk_coverage_plot(report: dict, title: str, path: Path) -> None:
     axis.set_title(f"{title}\nacc@80 % {report['acc_cov80_by_confidence']:.3f}  acc@90 % {report['acc_cov90_by_confidence']:.3f} (max prob.)", fontsize=9)
     axis.legend(loc="upper left", fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with replaced_whole(path) as temporary:
+        figure.savefig(temporary, dpi=120)
     plt.close(figure)
 
 
