@@ -10,7 +10,13 @@
    Trainer refuses `bf16` autocast on CPU (:func:`cpu_training_args`), and without `ACCELERATE_USE_CPU`
    accelerate sees no distributed state in a multi-process run and trains every rank on its own, without DDP:
    the ranks silently drift apart (:func:`configure_cpu_runs`).
-Both patches are installed once per process and act only when their condition holds at call time.
+4. Axolotl ≥ 0.20 probes GPU peer access before a multi-process run; with a CUDA build of torch on a machine
+   without a GPU (what `pip install axolotl` gives there) the probe raises "Found no NVIDIA driver". Where no
+   CUDA device exists there is no peer access to probe: the probe answers as it does with a CPU build of torch,
+   "nothing to disable" (:func:`patch_p2p_probe`).
+The plugin installs these only in runs that use one of its features (plugin.py), so an auto-loaded but unused
+plugin changes nothing; each is installed once per process, acts only when its condition holds at call time,
+and says so in the log when it acts.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+from axolotl.utils.logging import get_logger
+
+LOG = get_logger(__name__)
 
 LORA_LIKE_ADAPTERS = ("blob", "adalora")
 ALIASED_LOADER_STEPS = ("_set_quantization_config", "_prepare_model_for_quantization", "_configure_embedding_dtypes")
@@ -40,7 +49,7 @@ def adapter_read_as_lora(cfg) -> Iterator[None]:
         cfg.adapter = adapter
 
 
-def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+def _wrap_once(owner: object, name: str, make: Callable[[Callable], Callable]) -> None:
     original = getattr(owner, name, None)
     if original is None or getattr(original, "_axolotl_blob_patched", False):
         return
@@ -62,8 +71,25 @@ def cpu_training_args() -> dict:
 
 
 def configure_cpu_runs() -> None:
-    if cpu_only():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    if cpu_only() and "ACCELERATE_USE_CPU" not in os.environ:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        LOG.info("axolotl_blob: no GPU: ACCELERATE_USE_CPU=true, so multi-process runs train with DDP on the CPU")
+
+
+def patch_p2p_probe() -> None:
+    """Axolotl ≥ 0.20's P2P probe, answered without CUDA where no CUDA device exists (see 4. above)."""
+    import axolotl.utils.trainer as trainer_utils
+
+    def answered_on_cpu(original):
+        def run(*args, **kwargs):
+            if torch.cuda.is_available():
+                return original(*args, **kwargs)
+            LOG.info("axolotl_blob: no CUDA device: skipping Axolotl's GPU peer-access probe")
+            return True
+
+        return run
+
+    _wrap_once(trainer_utils, "check_cuda_p2p_ib_support", answered_on_cpu)
 
 
 def patch_model_loader() -> None:

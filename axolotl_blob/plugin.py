@@ -8,6 +8,8 @@ load_adapter → get_trainer_cls → add_callbacks_post_trainer → post_train.
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.loaders.adapter import load_lora
@@ -28,7 +30,7 @@ from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.checkpoints import check_resumable, resume_checkpoint
-from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader
+from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader, patch_p2p_probe
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
 from axolotl_blob.rank.adalora import load_adalora
@@ -64,7 +66,10 @@ def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> Calib
     return CalibrationEvaluator(settings, samples)
 
 
-def uses_plugin_features(cfg: DictDefault) -> bool:
+def uses_plugin_features(cfg: DictDefault | dict) -> bool:
+    """Whether the run selects a feature of this plugin; a run that selects none is left exactly as Axolotl runs it
+    (Axolotl 0.21 loads every installed plugin into every run)."""
+    cfg = cfg if isinstance(cfg, DictDefault) else DictDefault(cfg)
     return cfg.adapter in ("blob", "adalora") or cfg.optimizer == "ivon" or bool(cfg.rank_scheduler or cfg.calibration)
 
 
@@ -92,9 +97,43 @@ def _without_reinitialisation(config):
     return config
 
 
+def _first_instance_only(plugin_cls: type[BasePlugin]) -> type[BasePlugin]:
+    """Every hook of a second instance behaves as BasePlugin's (does nothing).
+
+    Axolotl 0.21 auto-loads the entry point's class as `axolotl_blob.BlobPlugin`; a config that lists it by another
+    dotted path (`axolotl_blob.plugin.BlobPlugin`) adds a second instance, whose schema would collide with the
+    first's ("duplicate base class BlobPluginArgs") and whose hooks would run everything twice.
+    """
+
+    def guard(name: str, hook: Callable) -> Callable:
+        inert = getattr(BasePlugin, name)
+
+        @functools.wraps(hook)
+        def run(self, *args, **kwargs):
+            return (hook if self.is_first_instance() else inert)(self, *args, **kwargs)
+
+        return run
+
+    for name, hook in list(vars(plugin_cls).items()):
+        if callable(hook) and not name.startswith("_") and hasattr(BasePlugin, name):
+            setattr(plugin_cls, name, guard(name, hook))
+    return plugin_cls
+
+
+@_first_instance_only
 class BlobPlugin(BasePlugin):
     """`adapter: blob` (Bayesian LoRA by backprop), `optimizer: ivon`, `adapter: adalora` with the `rank_scheduler:`,
     and the `calibration:` evaluation."""
+
+    def is_first_instance(self) -> bool:
+        from axolotl.integrations.base import PluginManager
+
+        loaded = {name: p for name, p in PluginManager().plugins.items() if isinstance(p, BlobPlugin)}
+        first = next(iter(loaded.values()), self)
+        if first is not self and not getattr(self, "_said_inert", False):
+            self._said_inert = True
+            LOG.info(f"axolotl_blob: loaded as {', '.join(loaded)}; hooks run once, in {next(iter(loaded))}")
+        return first is self
 
     def get_input_args(self) -> str:
         return "axolotl_blob.args.BlobPluginArgs"
@@ -103,7 +142,10 @@ class BlobPlugin(BasePlugin):
         return [AdapterCapabilities(name="blob", lora_like=True), AdapterCapabilities(name="adalora", lora_like=True)]
 
     def register(self, cfg: dict):
+        if not uses_plugin_features(cfg):
+            return
         patch_model_loader()  # each patch acts only when its condition holds (compat.py)
+        patch_p2p_probe()
         configure_cpu_runs()
 
     def pre_model_load(self, cfg: DictDefault):
@@ -140,6 +182,8 @@ class BlobPlugin(BasePlugin):
         return model, _without_reinitialisation(lora_config)
 
     def get_training_args(self, cfg: DictDefault) -> dict:
+        if not uses_plugin_features(cfg):
+            return {}
         # `optimizer: ivon` must not reach TrainingArguments(optim=...): a placeholder, replaced in post_trainer_create
         return {**cpu_training_args(), **({"optim": "adamw_torch"} if cfg.optimizer == "ivon" else {})}
 

@@ -138,11 +138,14 @@ def run_module(
     timeout: int = 600,
     log: str = "run.log",
     expect_success: bool = True,
+    path_first: tuple[Path, ...] = (),
 ):
-    """Run `python -m module args` (or under `launcher`, e.g. TORCHRUN_2) offline, with the test plugins importable;
-    the output goes to workdir/`log`, and an unexpected outcome fails the test with its stderr."""
+    """Run `python -m module args` (or under `launcher`, e.g. TORCHRUN_2) offline, with the test plugins importable
+    (after `path_first`, which can shadow installed packages); the output goes to workdir/`log`, and an unexpected
+    outcome fails the test with its stderr."""
     command = (launcher or [sys.executable, "-m"]) + [module, *args]
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
+    pythonpath = os.pathsep.join(str(p) for p in (*path_first, Path(__file__).parent / "helpers"))
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": pythonpath}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     (workdir / log).write_text(result.stdout + result.stderr)
     if expect_success:
@@ -153,14 +156,20 @@ def run_module(
 
 
 def run_axolotl(
-    config: dict, workdir: Path, launcher: list[str] | None = None, timeout: int = 600, expect_success: bool = True
+    config: dict,
+    workdir: Path,
+    launcher: list[str] | None = None,
+    timeout: int = 600,
+    expect_success: bool = True,
+    path_first: tuple[Path, ...] = (),
 ):
     """Write the config and run `python -m axolotl.cli.train` on it; the log is workdir/axolotl.log."""
     config_path = workdir / "config.yml"
     config_path.write_text(yaml.safe_dump(config))
     return run_module(
-        "axolotl.cli.train", [str(config_path)], workdir, launcher, timeout, log="axolotl.log", expect_success=expect_success
-    )
+        "axolotl.cli.train", [str(config_path)], workdir, launcher, timeout, log="axolotl.log",
+        expect_success=expect_success, path_first=path_first,
+    )  # fmt: skip
 
 
 def resume_dir(finished_run: Path, checkpoint: str, tmp_path: Path) -> Path:

@@ -16,6 +16,7 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from axolotl_blob.blob.adapter_file import keep_posterior_out_of_adapter_file
 from axolotl_blob.blob.kl import gaussian_kl, gaussian_kl_grads
 from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, posterior_std
 from axolotl_blob.io import save_tensors, write_json
@@ -48,6 +49,7 @@ def blob_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
 
 def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default") -> int:
     """Give every LoRA linear layer of `adapter_name` a BLoB posterior over A; returns how many."""
+    keep_posterior_out_of_adapter_file()
     count = 0
     for module in unwrap_model(model).modules():
         if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
