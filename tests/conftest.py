@@ -144,7 +144,8 @@ def run_module(
     (after `path_first`, which can shadow installed packages); the output goes to workdir/`log`, and an unexpected
     outcome fails the test with its stderr."""
     command = (launcher or [sys.executable, "-m"]) + [module, *args]
-    pythonpath = os.pathsep.join(str(p) for p in (*path_first, Path(__file__).parent / "helpers"))
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    pythonpath = os.pathsep.join(str(p) for p in (*path_first, Path(__file__).parent / "helpers", *inherited))
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": pythonpath}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     (workdir / log).write_text(result.stdout + result.stderr)
