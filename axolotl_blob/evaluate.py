@@ -33,6 +33,13 @@ def load_adapter_model(cfg, adapter_dir: Path):
     return model
 
 
+def inference_device_and_autocast(cfg):
+    """The GPU when there is one, and bf16 autocast when the config trains in bf16 (as training scored)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.bf16 is True else contextlib.nullcontext
+    return device, autocast
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(prog="python -m axolotl_blob.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="the Axolotl YAML config (its calibration: block names the datasets)")
@@ -58,9 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         parser.error("--samples must be >= 0")
 
     torch.manual_seed(cfg.seed or 0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, autocast = inference_device_and_autocast(cfg)
     model = load_adapter_model(cfg, args.adapter).to(device)
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.bf16 is True else contextlib.nullcontext
     reports = evaluator.evaluate(model, load_tokenizer(cfg), sampler_for(model), autocast=autocast)
     print(format_table(reports))
     summary = {name: scalar_metrics(report) for name, report in reports.items()}

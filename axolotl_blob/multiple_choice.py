@@ -122,17 +122,18 @@ def prompt_token_ids(tokenizer: Any, prompt: str, add_bos: bool | None = None) -
 # --------------------------------------------------------------------------- data
 
 
-def validate_example(example: Any, where: str) -> None:
+def validate_example(example: Any, where: str, require_answer: bool = True) -> None:
     """Check one example; raise ValueError starting with ``where`` (e.g. ``file:line``) and naming the field.
 
-    ``None`` counts as missing: Hugging Face ``datasets`` fills fields a row lacks with ``None``.
+    ``None`` counts as missing: Hugging Face ``datasets`` fills fields a row lacks with ``None``. Questions to
+    predict (``require_answer=False``) may omit ``answer``; one that is given is still checked.
     """
     if not isinstance(example, Mapping):
         raise ValueError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, got {type(example).__name__}")
     for field in FIELDS:
-        if example.get(field) is None:
+        if example.get(field) is None and (require_answer or field != "answer"):
             raise ValueError(f"{where}: missing field '{field}'")
-    question, choices, answer = (example[field] for field in FIELDS)
+    question, choices, answer = (example.get(field) for field in FIELDS)
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}")
     if not isinstance(choices, (list, tuple)) or len(choices) < 2:
@@ -142,6 +143,8 @@ def validate_example(example: Any, where: str) -> None:
     for i, choice in enumerate(choices):
         if not isinstance(choice, str):
             raise ValueError(f"{where}: field 'choices' item {i} must be a string, got {choice!r}")
+    if answer is None:
+        return
     if isinstance(answer, bool) or not isinstance(answer, int):
         hint = " (a float in any row makes `datasets` load the whole column as floats)" if isinstance(answer, float) else ""
         raise ValueError(f"{where}: field 'answer' must be an integer index into 'choices', got {answer!r}{hint}")
@@ -149,7 +152,7 @@ def validate_example(example: Any, where: str) -> None:
         raise ValueError(f"{where}: field 'answer' is {answer}, out of range for {len(choices)} choices (0..{len(choices) - 1})")
 
 
-def read_examples(path: str | Path) -> list[dict]:
+def read_examples(path: str | Path, require_answer: bool = True) -> list[dict]:
     """Read and validate a multiple-choice JSONL file; errors name the file, the 1-based line and the field.
 
     Blank lines are skipped; a file without any example is an error.
@@ -165,7 +168,7 @@ def read_examples(path: str | Path) -> list[dict]:
                 example = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: bad JSON ({exc.msg}, column {exc.colno})") from None
-            validate_example(example, where)
+            validate_example(example, where, require_answer)
             examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")

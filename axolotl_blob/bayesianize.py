@@ -1,0 +1,122 @@
+"""Training-free Bayesianization (TFB) of a trained LoRA adapter into a BLoB adapter, with no retraining.
+
+    python -m axolotl_blob.bayesianize CONFIG --adapter LORA_DIR --out DIR [--samples N] [--anchors N]
+        [--metric nll|flip] [--tolerance T] [--sigma-min S] [--sigma-max S] [--steps K]
+
+The base model and tokenizer come from the config, as `evaluate` loads them; the anchor set is drawn from the
+config's multiple-choice training data. DIR receives a plain PEFT LoRA adapter (the same mean function,
+re-parameterised), the BLoB posterior beside it, and `tfb.json` (σ_q and the search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+from axolotl_blob.blob.model import bayesianize, blob_layers, save_posterior
+from axolotl_blob.blob.tfb import bayesianize_tfb
+from axolotl_blob.evaluate import inference_device_and_autocast, load_adapter_model
+from axolotl_blob.io import write_json
+from axolotl_blob.multiple_choice import label_token_ids, read_examples
+from axolotl_blob.saved_adapter import check_lora_adapter
+
+MULTIPLE_CHOICE_TYPE = "axolotl_blob.multiple_choice"
+TOLERANCES = {"nll": 0.003, "flip": 0.01}  # the paper's
+
+
+def anchor_examples(cfg, count: int, seed: int) -> list[dict]:
+    """Up to `count` questions drawn (seeded) from the config's multiple-choice training files."""
+    paths = [d.path for d in cfg.datasets or () if d.type == MULTIPLE_CHOICE_TYPE and d.path and Path(d.path).is_file()]
+    if not paths:
+        raise ValueError(
+            f"TFB draws its anchor set from the config's training data: no dataset of type {MULTIPLE_CHOICE_TYPE} "
+            "with a local JSONL path under 'datasets:'"
+        )
+    examples = [example for path in paths for example in read_examples(path)]
+    return random.Random(seed).sample(examples, min(count, len(examples)))
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m axolotl_blob.bayesianize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="the Axolotl YAML config the adapter was trained with (base model, data)")
+    parser.add_argument("--adapter", required=True, type=Path, help="directory of a PEFT LoRA adapter")
+    parser.add_argument("--out", required=True, type=Path, help="directory for the BLoB adapter")
+    parser.add_argument("--samples", type=int, default=10, help="posterior samples per BMA in the search (10)")
+    parser.add_argument("--anchors", type=int, default=500, help="anchor questions from the training data (500)")
+    parser.add_argument("--metric", choices=("nll", "flip"), default="nll",
+                        help="nll: relative change of the NLL of the mean model's answers; flip: answers that change")  # fmt: skip
+    parser.add_argument("--tolerance", type=float, default=None, help="allowed change (0.003 for nll, 0.01 for flip)")
+    parser.add_argument("--sigma-min", type=float, default=1e-3, help="lower end of the σ_q search (1e-3)")
+    parser.add_argument("--sigma-max", type=float, default=0.015, help="upper end of the σ_q search (0.015)")
+    parser.add_argument("--steps", type=int, default=5, help="bisection steps (5)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per forward (calibration.batch_size or 8)")
+    args = parser.parse_args(argv)
+    if args.samples < 1 or args.anchors < 1 or args.steps < 0:
+        parser.error("--samples and --anchors must be >= 1, --steps >= 0")
+    if not 0 < args.sigma_min < args.sigma_max:
+        parser.error(f"need 0 < --sigma-min < --sigma-max, got {args.sigma_min:g}, {args.sigma_max:g}")
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser, args = parse_args(argv)
+    from axolotl.cli.config import load_cfg
+    from axolotl.loaders import load_tokenizer
+
+    from axolotl_blob.blob.trainer import posterior_spec
+    from axolotl_blob.plugin import blob_settings
+
+    cfg = load_cfg(args.config)
+    seed = cfg.seed or 0
+    tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[args.metric]
+    batch_size = args.batch_size or (cfg.calibration or {}).get("batch_size") or 8
+    try:  # every input checked before any weights load
+        check_lora_adapter(args.adapter, cfg.base_model)
+        anchors = anchor_examples(cfg, args.anchors, seed)
+        tokenizer = load_tokenizer(cfg)
+        label_token_ids(tokenizer, max(len(e["choices"]) for e in anchors))
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+
+    start = time.perf_counter()
+    device, autocast = inference_device_and_autocast(cfg)
+    model = load_adapter_model(cfg, args.adapter).to(device)
+    settings = blob_settings(cfg)
+    if next(blob_layers(model), None) is None:  # a BLoB input already has its layers; TFB replaces its σ
+        bayesianize(model, settings.init_std)
+    result = bayesianize_tfb(
+        model, tokenizer, anchors, args.samples, args.metric, tolerance, (args.sigma_min, args.sigma_max),
+        args.steps, seed, batch_size, autocast,
+    )  # fmt: skip
+    model.save_pretrained(str(args.out))
+    save_posterior(model, args.out, posterior_spec(settings))
+    seconds = time.perf_counter() - start
+    record = {
+        "method": "TFB (training-free Bayesianization, arXiv 2412.05723)",
+        "source_adapter": str(args.adapter),
+        "sigma_q": result.sigma_q,
+        "metric": args.metric,
+        "tolerance": tolerance,
+        "samples": args.samples,
+        "anchors": len(anchors),
+        "search": [{"sigma_q": sigma, "change": change} for sigma, change in result.trace],
+        "layers": result.layers,
+        "zero_singular_values": result.zero_singular_values,
+        "seconds": round(seconds, 1),
+    }
+    write_json(args.out / "tfb.json", record)
+    for step in record["search"]:
+        verdict = "within" if step["change"] <= tolerance else "over"
+        print(f"  σ_q = {step['sigma_q']:.6f}: {args.metric} change {step['change']:.5f} ({verdict} {tolerance:g})")
+    print(
+        f"TFB: σ_q = {result.sigma_q:.6f} over {result.layers} LoRA layers ({len(anchors)} anchors, N = {args.samples}, "
+        f"{result.zero_singular_values} zero singular values), {seconds:.1f} s; BLoB adapter written to {args.out}"
+    )
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,163 @@
+"""Training-free Bayesianization (TFB; Shi, Wang et al., arXiv 2412.05723) of a trained LoRA adapter.
+
+Per LoRA layer, B = U diag(d) Vᵀ (SVD). Re-parameterised as B' = B V = U diag(d) and A' = Vᵀ A, the adapter
+computes the same B'A' = BA. A' gets the BLoB posterior N(A', Ω²) with Ω_ij = σ_q / d_i: the noise of the update,
+B' E = U diag(d) E, then has i.i.d. N(0, σ_q²) entries within span(U) and none outside it (the layer adds it times
+its LoRA scaling s, as it does B'A'). A direction whose singular value vanishes (d_i = 0: B' has a zero column
+there) changes nothing whatever its noise, so it gets Ω = 0 rather than σ_q / 0.
+
+σ_q is chosen without training: the largest one whose Bayesian model average changes the mean model's own
+predictions on an anchor set by at most a tolerance — the relative change of the NLL of the mean model's answers
+ŷ, or the fraction of answers that flip. The search is a bisection that assumes the change grows with σ_q; every
+evaluation reseeds the noise (common random numbers), so the measured change grows smoothly with σ_q.
+
+The posterior is stored as BLoB's (σ = G², so G = √Ω): the result is an ordinary BLoB adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+
+from axolotl_blob.blob.model import blob_layers, module_key, unwrap_model
+from axolotl_blob.calibration.scoring import AutocastFactory, choice_probabilities
+from axolotl_blob.sampling import BlobSampler
+
+ChangeMetric = Literal["nll", "flip"]
+EPS = 1e-12
+
+
+@torch.no_grad()
+def svd_reparameterize(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Rewrite every LoRA linear layer as B' = U diag(d), A' = Vᵀ A (fp64 SVD, stored back in each factor's dtype);
+    returns, per module key, the (r,) inverse singular values 1/d_i (0 where d_i vanishes)."""
+    inverse_singular_values = {}
+    for name, layer in unwrap_model(model).named_modules():
+        if not (isinstance(layer, LoraLayer) and adapter in getattr(layer, "lora_A", {})):
+            continue
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        _, singular, vh = torch.linalg.svd(b.double(), full_matrices=True)  # vh: (r, r), so A' keeps rank r
+        d = torch.zeros(b.shape[1], dtype=torch.float64, device=b.device)
+        d[: len(singular)] = singular
+        b_new, a_new = b.double() @ vh.T, vh @ a.double()  # B V = U diag(d) (zero columns past min(d_out, r))
+        negligible = d <= d.max() * max(b.shape) * torch.finfo(b.dtype).eps  # numerically zero (all of B = 0: all)
+        b.copy_(b_new.to(b.dtype))
+        a.copy_(a_new.to(a.dtype))
+        inverse_singular_values[module_key(name)] = torch.where(negligible, 0.0, 1.0 / d.clamp(min=EPS))
+    if not inverse_singular_values:
+        raise ValueError("TFB found no LoRA linear layers in the adapter")
+    return inverse_singular_values
+
+
+@torch.no_grad()
+def set_noise_scale(model: nn.Module, inverse_singular_values: dict[str, torch.Tensor], sigma_q: float) -> None:
+    """Give every BLoB layer Ω_ij = σ_q / d_i, i.e. G = √Ω (BLoB's σ = G²)."""
+    for name, layer, adapter in blob_layers(model):
+        g = layer.blob_G[adapter]
+        std = sigma_q * inverse_singular_values[module_key(name)].to(g.device)
+        g.copy_(std.sqrt()[:, None].expand_as(g).to(g.dtype))
+
+
+@dataclass
+class BisectionResult:
+    """The σ chosen and every (σ, change) evaluated, in order."""
+
+    sigma: float
+    trace: list[tuple[float, float]] = field(default_factory=list)
+
+
+def largest_within_tolerance(
+    change: Callable[[float], float], low: float, high: float, tolerance: float, steps: int = 5
+) -> BisectionResult:
+    """The largest σ in [low, high] with change(σ) ≤ tolerance, for a change that grows with σ: `high` if it
+    passes; else `steps` bisections of [low, high], returning the largest σ seen to pass (to within
+    (high − low) / 2^steps of the true boundary). Raises if not even `low` passes."""
+    if not 0 < low < high:
+        raise ValueError(f"the σ_q search needs 0 < low < high, got low={low:g}, high={high:g}")
+    result = BisectionResult(sigma=low)
+
+    def passes(sigma: float) -> bool:
+        value = change(sigma)
+        result.trace.append((sigma, value))
+        return value <= tolerance
+
+    if passes(high):
+        result.sigma = high
+        return result
+    passed_low = False
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if passes(middle):
+            low, passed_low = middle, True
+        else:
+            high = middle
+    if not passed_low and not passes(low):
+        raise ValueError(
+            f"even σ_q = {low:g} changes the predictions by {result.trace[-1][1]:.4g} > tolerance {tolerance:g}: "
+            "lower the lower end of the search (or raise the tolerance)"
+        )
+    result.sigma = low
+    return result
+
+
+def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric: ChangeMetric) -> float:
+    """How much the BMA moved away from the mean model's own answers ŷ = argmax p_mean: the relative change of
+    −log p(ŷ) averaged over the anchors (`nll`), or the fraction of answers that changed (`flip`)."""
+    answers = mean_probs.argmax(-1, keepdim=True)
+    if metric == "flip":
+        return (bma_probs.argmax(-1, keepdim=True) != answers).double().mean().item()
+    mean_nll = -mean_probs.gather(-1, answers).clamp(min=EPS).log().mean()
+    bma_nll = -bma_probs.gather(-1, answers).clamp(min=EPS).log().mean()
+    return ((bma_nll - mean_nll).abs() / mean_nll.clamp(min=EPS)).item()
+
+
+def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, autocast) -> torch.Tensor:
+    return torch.cat(
+        [probs for _, probs, _ in choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size, autocast)]
+    )
+
+
+@dataclass
+class TfbResult:
+    sigma_q: float
+    trace: list[tuple[float, float]]
+    layers: int
+    zero_singular_values: int
+
+
+def bayesianize_tfb(
+    model: nn.Module,
+    tokenizer,
+    anchors: Sequence[dict],
+    n_samples: int = 10,
+    metric: ChangeMetric = "nll",
+    tolerance: float = 0.003,
+    sigma_range: tuple[float, float] = (1e-3, 0.015),
+    steps: int = 5,
+    seed: int = 0,
+    batch_size: int = 8,
+    autocast: AutocastFactory = contextlib.nullcontext,
+) -> TfbResult:
+    """TFB in place on a model whose LoRA layers already carry BLoB posteriors (`blob.model.bayesianize`):
+    re-parameterise, search σ_q on the multiple-choice `anchors`, and set the posterior to the σ_q found."""
+    if n_samples < 1:
+        raise ValueError(f"TFB's search averages posterior samples: n_samples must be >= 1, got {n_samples}")
+    inverse_singular_values = svd_reparameterize(model)
+    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size, autocast)
+
+    def change(sigma_q: float) -> float:
+        set_noise_scale(model, inverse_singular_values, sigma_q)
+        torch.manual_seed(seed)  # the same noise for every σ_q: the change grows with σ_q, not with luck
+        return prediction_change(mean_probs, _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, autocast), metric)
+
+    search = largest_within_tolerance(change, *sigma_range, tolerance=tolerance, steps=steps)
+    set_noise_scale(model, inverse_singular_values, search.sigma)
+    zeros = sum(int((v == 0).sum()) for v in inverse_singular_values.values())
+    return TfbResult(search.sigma, search.trace, len(inverse_singular_values), zeros)
+
