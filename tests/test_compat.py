@@ -41,7 +41,7 @@ def test_blob_trains_under_every_plugin_spelling(spelling, tiny_model_dir, compl
     assert [entry["step"] for entry in history if "kl" in entry] == [1, 2, 3]  # the BLoB trainer ran, once per step
     assert json.loads((out / "probe_setup.json").read_text())["trainer_cls"].startswith("Blob")
     assert set(load_file(out / "blob_posterior.safetensors")) == {
-        key.replace("lora_A.weight", "blob_G") for key in LORA_KEYS if "lora_A" in key
+        key.removeprefix("base_model.model.").replace("lora_A.weight", "blob_G") for key in LORA_KEYS if "lora_A" in key
     }
     for directory in (out, out / "checkpoint-3"):
         assert set(load_file(directory / "adapter_model.safetensors")) == LORA_KEYS
