@@ -12,6 +12,8 @@ adds it times 0 (a small cost, no effect).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
@@ -61,7 +63,11 @@ def load_adalora(model, cfg: DictDefault, settings: RankSchedulerSettings, infer
     if config_only:
         return None, config
     if cfg.lora_model_dir:
-        model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
+        with warnings.catch_warnings():
+            # PEFT 0.21 checks rank_pattern keys against module names, as LoRA's are; AdaLoRA's own pattern is keyed
+            # by `<module>.lora_E` and is applied all the same (the reloaded ranks and outputs are tested)
+            warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
+            model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
         return model, model.peft_config["default"]
     return get_peft_model(model, config), config
 
