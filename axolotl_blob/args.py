@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from axolotl_blob.blob.model import missing_posterior_files
 from axolotl_blob.multiple_choice import read_examples
@@ -48,9 +48,18 @@ class BlobSettings(StrictBlock):
     kl_weighting: Literal["reweight", "uniform"] = Field(
         "reweight", description="reweight: π_t = 2^j/(2^(K+1)−1) within cycles of K steps; uniform: π_t = 1/K"
     )
-    kl_lr: float = Field(0.01, ge=0, description="step size of the separate SGD step on π_t·KL (follows the LR schedule)")
-    kl_cycle_steps: int | None = Field(
-        None, ge=1, description="cycle length K in optimizer steps; default: optimizer steps per epoch"
+    kl_lr: float = Field(
+        0.01, ge=0, description="η_0 of BLoB's SGD step on π_t·KL (and on G's NLL gradient under sigma_update: reference); follows the LR schedule"
+    )
+    sigma_update: Literal["reference", "optimizer"] = Field(
+        "reference",
+        description="reference: G is not in the Trainer's optimizer, one SGD step of kl_lr moves it on its NLL gradient + π_t·∂KL/∂G; "
+        "optimizer: G is in the Trainer's optimizer at learning_rate, the KL step apart",
+    )
+    kl_cycle_steps: PositiveInt | Literal["rescaled"] | None = Field(
+        None,
+        description="cycle length K in optimizer steps; 'rescaled': the reference's K = int(100·N^(π/8) / world_size / "
+        "(micro_batch_size × gradient_accumulation_steps)); default: optimizer steps per epoch",
     )
     train_samples: int = Field(1, ge=1, description="posterior samples per training forward (NLL averaged)")
     eval_samples: int = Field(10, ge=0, description="posterior samples averaged at evaluation; 0 = posterior mean")

@@ -78,3 +78,58 @@ def test_eval_samples_zero_is_the_posterior_mean_loss(model):
     model.eval()
     assert trainer.compute_loss(model, inputs()).item() == pytest.approx(model(**inputs()).loss.item())
     assert trainer.calls == 1
+
+
+@pytest.fixture
+def hf_trainer(model, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from axolotl_blob.blob.trainer import blob_trainer_cls
+
+    def build(**settings):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], weight_decay=0.1)
+        return blob_trainer_cls(Trainer, BlobSettings(**settings))(model=model, args=args)
+
+    return build
+
+
+def test_the_trainer_builds_its_own_optimizer_without_g_and_wraps_it(hf_trainer, model):
+    from axolotl_blob.blob.optimizer import BlobOptimizer
+    from axolotl_blob.blob.trainer import posterior_parameters
+
+    trainer = hf_trainer()
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, BlobOptimizer) and isinstance(optimizer.inner, torch.optim.AdamW)
+    assert trainer.create_optimizer() is optimizer  # built once
+    means, sigmas = posterior_parameters(model)
+    inner = {id(p) for group in optimizer.inner.param_groups for p in group["params"]}
+    assert all(g.requires_grad and id(g) not in inner for g in sigmas)
+    assert all(id(m) in inner for m in means)
+    assert {id(p) for p in sigmas} == {id(p) for p in optimizer.param_groups[-1]["params"]}
+    decay = {group.get("role"): group["weight_decay"] for group in optimizer.inner.param_groups}
+    assert decay == {None: 0.1, "mean": 0.1}  # the Trainer's own grouping, split by role
+
+
+def test_optimizer_routing_keeps_g_in_the_trainers_optimizer(hf_trainer, model):
+    from axolotl_blob.blob.trainer import posterior_parameters
+
+    optimizer = hf_trainer(sigma_update="optimizer").create_optimizer()
+    inner = {id(p) for group in optimizer.inner.param_groups for p in group["params"]}
+    assert all(id(g) in inner for g in posterior_parameters(model)[1])
+
+
+def test_a_nan_in_g_stops_training_naming_the_layer_the_step_and_the_settings(hf_trainer, model):
+    from axolotl_blob.blob.trainer import NonFinitePosteriorError, posterior_parameters
+
+    trainer = hf_trainer(kl_lr=0.02)
+    optimizer = trainer.create_optimizer()
+    state = SimpleNamespace(global_step=6)
+    trainer.blob_kl.on_optimizer_step(trainer.args, state, None, model=model, optimizer=optimizer)  # finite: nothing
+    with torch.no_grad():
+        posterior_parameters(model)[1][3][1, 2] = float("nan")  # layer 1's v_proj
+    with pytest.raises(NonFinitePosteriorError) as error:
+        trainer.blob_kl.on_optimizer_step(trainer.args, state, None, model=model, optimizer=optimizer)
+    message = str(error.value)
+    assert "σ factor G (blob_G) of model.layers.1.self_attn.v_proj.blob_G.default" in message
+    assert "after optimizer step 7" in message
+    assert "blob.kl_lr (now 0.02)" in message and "blob.init_std (now 0.05)" in message and "bf16: true" in message

@@ -27,13 +27,25 @@ def gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torc
     ).sum()
 
 
-def gaussian_kl_grads(
-    mean: torch.Tensor, std: torch.Tensor, prior_std: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂KL/∂μ, ∂KL/∂σ) in closed form, so the KL step needs no autograd graph."""
-    mean, std = mean.float(), std.float()
-    variance = prior_std**2
-    return mean / variance, std / variance - 1.0 / (std + EPS)
+def kl_grad_mean(mean: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """∂KL/∂μ = μ/β² in closed form (fp32). The KL is a sum of a term in μ and a term in σ, so each gradient needs
+    only its own tensor: an update can run on any shard of it."""
+    return mean.float() / prior_std**2
+
+
+def kl_grad_std(std: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """∂KL/∂σ = σ/β² − 1/σ in closed form (fp32, EPS as in the KL)."""
+    std = std.float()
+    return std / prior_std**2 - 1.0 / (std + EPS)
+
+
+def rescaled_cycle_steps(n_examples: int, world_size: int, batch_size: int, gamma: float = 8.0) -> int:
+    """The BLoB reference's dataset-rescaled cycle, K = int(100 · N^(π/γ) / world_size / batch_size).
+
+    N: training examples; batch_size: examples per rank and optimizer step (the reference's per-device batch,
+    here micro_batch_size × gradient_accumulation_steps). At least 1: a cycle cannot be shorter than a step.
+    """
+    return max(int(100 * n_examples ** (math.pi / gamma) / world_size / batch_size), 1)
 
 
 def kl_weight(step: int, cycle_steps: int, weighting: KLWeighting) -> float:

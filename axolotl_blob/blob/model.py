@@ -17,7 +17,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from axolotl_blob.blob.adapter_file import keep_posterior_out_of_adapter_file
-from axolotl_blob.blob.kl import gaussian_kl, gaussian_kl_grads
+from axolotl_blob.blob.kl import gaussian_kl
 from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, posterior_std
 from axolotl_blob.io import save_tensors, write_json
 
@@ -72,16 +72,6 @@ def kl_divergence(model: nn.Module, prior_std: float) -> torch.Tensor:
         for _, layer, adapter in blob_layers(model)
     ]
     return torch.stack(terms).sum()
-
-
-@torch.no_grad()
-def kl_sgd_step(model: nn.Module, prior_std: float, step_size: float) -> None:
-    """One plain SGD step on `step_size` · KL for M and G, with the closed-form gradients (σ = G²: ∂σ/∂G = 2G)."""
-    for _, layer, adapter in blob_layers(model):
-        mean, g = layer.lora_A[adapter].weight, layer.blob_G[adapter]
-        grad_mean, grad_std = gaussian_kl_grads(mean, posterior_std(g), prior_std)
-        mean.sub_((step_size * grad_mean).to(mean.dtype))
-        g.sub_((step_size * grad_std * 2.0 * g.float()).to(g.dtype))
 
 
 @torch.no_grad()

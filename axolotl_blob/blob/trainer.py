@@ -1,30 +1,39 @@
-"""BLoB inside the Hugging Face Trainer: the KL step, sampled evaluation, logging, and posterior checkpoints.
+"""BLoB inside the Hugging Face Trainer: its optimizer, the KL schedule, sampled evaluation, logging, checkpoints.
 
-The objective is NLL + π_t·KL. As in the BLoB reference, the two parts take separate steps: the Trainer's
-optimizer steps on the NLL gradient, then :class:`BlobKLCallback` takes a plain SGD step of size
-kl_lr · (lr_t / lr_0) · π_t on the closed-form KL gradient. The KL step needs no activations, is identical on
-every rank, and is independent of gradient accumulation and loss scaling.
+The objective is NLL + π_t·KL. The Trainer builds the optimizer `optimizer:` names, as for any run but without the
+σ factors G under the reference σ update, and :class:`BlobTrainerMixin` wraps it in :class:`BlobOptimizer`, which
+takes BLoB's SGD steps on the posterior roles (blob/optimizer.py). :class:`BlobKLSchedule` writes π_t into the
+optimizer's groups before every optimizer step and stops training when a posterior factor turns NaN or inf.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from axolotl_blob.args import BlobSettings
-from axolotl_blob.blob.kl import kl_weight
+from axolotl_blob.blob.kl import kl_weight, rescaled_cycle_steps
 from axolotl_blob.blob.model import (
     PosteriorSpec,
+    blob_layers,
     kl_divergence,
-    kl_sgd_step,
     load_posterior,
+    module_key,
     posterior_summary,
     save_posterior,
 )
+from axolotl_blob.blob.optimizer import MEAN, BlobOptimizer, first_non_finite, set_kl_weight
 from axolotl_blob.sampling import BlobSampler, bma_log_probs, bma_token_nll, next_token_nll
+
+
+class NonFinitePosteriorError(FloatingPointError):
+    """A posterior factor turned NaN or inf; the message names the layer, the step and the setting to change."""
 
 
 def optimizer_steps_per_epoch(args: TrainingArguments, train_dataloader: Any) -> int | None:
@@ -34,31 +43,73 @@ def optimizer_steps_per_epoch(args: TrainingArguments, train_dataloader: Any) ->
         return None
 
 
-class BlobKLCallback(TrainerCallback):
-    """Applies the KL step once per optimizer step (after the NLL step, before gradients are cleared)."""
+def cycle_steps(settings: BlobSettings, args: TrainingArguments, train_dataloader: Any) -> int:
+    """K: `blob.kl_cycle_steps` as given, the reference's dataset rescaling (`rescaled`), or one epoch (unset)."""
+    if isinstance(settings.kl_cycle_steps, int):
+        return settings.kl_cycle_steps
+    if settings.kl_cycle_steps == "rescaled":
+        try:
+            n_examples = len(train_dataloader.dataset)
+        except TypeError:
+            raise ValueError("blob.kl_cycle_steps 'rescaled' needs the number of training examples; this dataset has no length: set an integer") from None
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return rescaled_cycle_steps(n_examples, args.world_size, batch)
+    per_epoch = optimizer_steps_per_epoch(args, train_dataloader)
+    if per_epoch is None:
+        raise ValueError("blob.kl_cycle_steps must be set when the training data has no length")
+    return per_epoch
+
+
+def non_finite_error(role: str, tensor: torch.Tensor, model: nn.Module, step: int, settings: BlobSettings) -> NonFinitePosteriorError:
+    names = {id(param): name for name, param in model.named_parameters()}
+    where = module_key(names.get(id(tensor), "a flat partition of the optimizer (the engine holds no names)"))
+    factor = "mean M (lora_A)" if role == MEAN else "σ factor G (blob_G)"
+    return NonFinitePosteriorError(
+        f"BLoB: the posterior {factor} of {where} holds NaN or inf after optimizer step {step}; training stopped. "
+        f"Lower blob.kl_lr (now {settings.kl_lr:g}) or blob.init_std (now {settings.init_std:g}); "
+        "under fp16, train in bf16 instead (bf16: true, fp16: false)."
+    )
+
+
+class BlobKLSchedule(TrainerCallback):
+    """π_t into the optimizer's role groups before every optimizer step; after it, one finiteness check."""
 
     def __init__(self, settings: BlobSettings):
         self.settings = settings
-        self.cycle_steps: int | None = settings.kl_cycle_steps
+        self.cycle_steps: int | None = None
         self.last_weight = 0.0
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if self.settings.kl_cycle_steps is None:
-            per_epoch = optimizer_steps_per_epoch(args, train_dataloader)
-            if per_epoch is None:
-                raise ValueError("blob.kl_cycle_steps must be set when the training data has no length")
-            self.cycle_steps = per_epoch
+        self.cycle_steps = cycle_steps(self.settings, args, train_dataloader)
 
-    def on_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, optimizer=None, **kwargs
-    ):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.last_weight = kl_weight(state.global_step + 1, self.cycle_steps, self.settings.kl_weighting)
-        group = optimizer.param_groups[0]
-        base_lr = group.get("initial_lr", args.learning_rate)
-        schedule_factor = group["lr"] / base_lr if base_lr > 0 else 0.0
-        step_size = self.settings.kl_lr * schedule_factor * self.last_weight
-        if step_size > 0:
-            kl_sgd_step(model, self.settings.prior_std, step_size)
+        set_kl_weight(optimizer.param_groups, self.last_weight)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        found = first_non_finite(optimizer.param_groups)
+        if found is not None:
+            raise non_finite_error(*found, model, state.global_step + 1, self.settings)
+
+
+def posterior_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(means M, σ factors G) of every BLoB layer."""
+    layers = list(blob_layers(model))
+    return [layer.lora_A[a].weight for _, layer, a in layers], [layer.blob_G[a] for _, layer, a in layers]
+
+
+@contextlib.contextmanager
+def hidden_from_optimizer(params: list[nn.Parameter]) -> Iterator[None]:
+    """The Trainer (and Axolotl's grouping, LoRA+, …) puts every parameter that requires a gradient into its
+    optimizer; G needs its NLL gradient but must stay out, so it looks frozen while the optimizer is built."""
+    params = [param for param in params if param.requires_grad]
+    for param in params:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in params:
+            param.requires_grad_(True)
 
 
 class BlobTrainerMixin:
@@ -68,8 +119,21 @@ class BlobTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.blob_kl = BlobKLCallback(self.blob_settings)
+        self.blob_kl = BlobKLSchedule(self.blob_settings)
         self.add_callback(self.blob_kl)
+
+    def create_optimizer(self, model=None):
+        """The optimizer the run asked for, built as usual (without G under the reference σ update), wrapped."""
+        if isinstance(self.optimizer, BlobOptimizer):
+            return self.optimizer
+        settings = self.blob_settings
+        means, sigmas = posterior_parameters(self.model if model is None else model)
+        with hidden_from_optimizer(sigmas if settings.sigma_update == "reference" else []):
+            inner = super().create_optimizer(model)
+        self.optimizer = BlobOptimizer(
+            inner, means, sigmas, kl_lr=settings.kl_lr, prior_std=settings.prior_std, sigma_update=settings.sigma_update
+        )
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         settings = self.blob_settings
