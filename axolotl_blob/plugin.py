@@ -22,6 +22,7 @@ from axolotl_blob.blob.model import (
     POSTERIOR_CONFIG_FILE,
     POSTERIOR_FILE,
     bayesianize,
+    check_posterior_files,
     load_posterior,
     missing_posterior_files,
     save_posterior,
@@ -149,10 +150,13 @@ class BlobPlugin(BasePlugin):
         configure_cpu_runs()
 
     def pre_model_load(self, cfg: DictDefault):
-        """A run that resumes must resume from a complete checkpoint: checked before any weights load."""
+        """Files written by an earlier run must be whole: the checkpoint a run resumes from, and the posterior in
+        lora_model_dir. Checked before any weights load."""
         checkpoint = resume_checkpoint(cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints, cfg.output_dir)
         if checkpoint is not None and uses_plugin_features(cfg):
             check_resumable(checkpoint, checkpoint_files(cfg))
+        if cfg.adapter == "blob" and cfg.lora_model_dir and not missing_posterior_files(cfg.lora_model_dir):
+            check_posterior_files(cfg.lora_model_dir)
 
     def pre_lora_load(self, cfg: DictDefault, model):
         """Axolotl 0.19 draws LoRA's A (and then BLoB's σ) from the unseeded global generator; 0.21 seeds it inside

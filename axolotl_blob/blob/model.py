@@ -154,14 +154,25 @@ def missing_posterior_files(directory: str | Path) -> list[str]:
     return [f for f in (POSTERIOR_FILE, POSTERIOR_CONFIG_FILE) if not (Path(directory) / f).is_file()]
 
 
-def read_posterior_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def read_posterior_tensors(path: Path, header_only: bool = False) -> dict[str, torch.Tensor]:
+    """The saved σ factors, or (`header_only`) just a check that the file reads back: its header and size."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
+        if header_only:
+            with safe_open(str(path), "pt") as opened:
+                opened.keys()
+            return {}
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise PosteriorFileError(f"{path} is truncated or corrupt ({error}): {UNREADABLE_ADVICE}") from error
+
+
+def check_posterior_files(directory: str | Path) -> None:
+    """Both posterior files of `directory` read back; cheap, so it runs before any weights load."""
+    read_posterior_spec(directory)
+    read_posterior_tensors(Path(directory) / POSTERIOR_FILE, header_only=True)
 
 
 @torch.no_grad()
