@@ -11,7 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from axolotl_blob.blob.kl import kl_weight
-from conftest import TORCHRUN_2, assert_identical_tensors, base_config, resume_dir, run_axolotl, run_module
+from conftest import (
+    TORCHRUN_2,
+    assert_identical_tensors,
+    base_config,
+    color_questions,
+    multiple_choice_config,
+    resume_dir,
+    run_axolotl,
+    run_module,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 CYCLE = 5
@@ -149,3 +159,41 @@ def test_axolotl_merge_lora_merges_the_posterior_mean(trained, tiny_model_dir, t
     mean = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained).eval()
     ids = torch.tensor([[1, 5, 9, 12, 20, 7]])
     torch.testing.assert_close(merged(input_ids=ids).logits, mean(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_accumulation_2_equals_accumulation_1_on_the_doubled_batch(tiny_model_dir, tmp_path):
+    """The reference σ update steps G on the gradient the Trainer accumulated. Axolotl 0.19 scales each micro-batch's
+    mean loss by 1/accumulation steps, so 2 micro-batches of 4 give the update of one batch of 8 when every example
+    has as many supervised tokens: multiple-choice data (one answer letter each), fp32. The KL weight is ~0 here
+    (uniform over 10⁹ steps) so G moves by its NLL gradient alone, with fixed noise (tests/helpers/fixed_noise.py)
+    so both runs see the same draws."""
+    train = write_jsonl(tmp_path / "questions.jsonl", color_questions(64, seed=5))
+    runs = {}
+    for micro_batch, accumulation in ((8, 1), (4, 2)):
+        out = tmp_path / f"mb{micro_batch}"
+        out.mkdir()
+        config = multiple_choice_config(
+            tiny_model_dir, train, out / "out", micro_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
+            max_steps=4, save_steps=4, eval_steps=0, learning_rate=0.01, bf16=False, fp16=False,
+            plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin", "fixed_noise.FixedNoisePlugin"],
+            blob={"init_std": 0.5, "kl_lr": 0.5, "kl_weighting": "uniform", "kl_cycle_steps": 10**9},
+        )  # fmt: skip
+        run_axolotl(config, out)
+        runs[micro_batch] = out / "out"
+    final = {mb: load_file(out / "rank0_adapter.safetensors") for mb, out in runs.items()}
+    assert final[8].keys() == final[4].keys() and any("blob_G" in key for key in final[8])
+    for key in final[8]:
+        torch.testing.assert_close(final[4][key], final[8][key], rtol=1e-5, atol=1e-6, msg=key)
+    initial = load_file(runs[8] / "rank0_initial_adapter.safetensors")
+    moved = max((final[8][k] - initial[k]).abs().max().item() for k in initial if "blob_G" in k)
+    assert moved > 1e-3  # G's NLL step is far above the tolerance: a factor 2 in its scaling would show
+
+
+def test_a_diverging_sigma_update_stops_training_with_the_setting_to_change(tiny_model_dir, completion_data, tmp_path):
+    config = blob_config(
+        tiny_model_dir, completion_data, tmp_path / "out", max_steps=3, eval_steps=0, save_steps=3,
+        blob={"kl_lr": 1.0e38, "kl_cycle_steps": 1},
+    )  # fmt: skip
+    result = run_axolotl(config, tmp_path, expect_success=False)
+    assert "holds NaN or inf after optimizer step 2" in result.stderr  # step 1 is the warm-up's lr 0
+    assert "Lower blob.kl_lr (now 1e+38)" in result.stderr
