@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from axolotl_blob.blob.model import missing_posterior_files
-from axolotl_blob.multiple_choice import read_examples
+from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, choice_count, read_examples
 from axolotl_blob.rank.budget import check_steps
 
 
@@ -85,6 +85,18 @@ class IvonSettings(StrictBlock):
     rescale_lr: bool = Field(False, description="scale the learning rate by (h0 + δ)")
     eval_samples: int = Field(10, ge=0, description="posterior samples averaged at calibration; 0 = posterior mean")
     seed: int = Field(0, description="seed of the optimizer's own noise generator (the same on every rank)")
+
+
+class MultipleChoiceSettings(StrictBlock):
+    """The `multiple_choice:` block: how `type: axolotl_blob.multiple_choice` data is trained, for every adapter."""
+
+    block = "multiple_choice"
+
+    likelihood: Literal["vocabulary", "choices"] = Field(
+        "vocabulary",
+        description="vocabulary: the answer letter's NLL over the whole vocabulary; choices: the cross-entropy over "
+        "the K answer letters only (the BLoB reference's likelihood, what calibration mode 'choices' scores)",
+    )
 
 
 def reject_keys(data: dict, feature: str, rows: tuple[tuple[str, str], ...]) -> None:
@@ -203,6 +215,34 @@ class BlobPluginArgs(BaseModel):
     ivon: IvonSettings | None = None
     calibration: CalibrationSettings | None = None
     rank_scheduler: RankSchedulerSettings | None = None
+    multiple_choice: MultipleChoiceSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_multiple_choice_combinations(cls, data: Any) -> Any:
+        if not (isinstance(data, dict) and isinstance(data.get("multiple_choice"), dict)):
+            return data
+        MultipleChoiceSettings._known_keys(data["multiple_choice"])
+        if data["multiple_choice"].get("likelihood") != "choices":
+            return data
+        feature = "multiple_choice.likelihood 'choices'"
+        paths = []
+        for key in ("datasets", "test_datasets"):
+            for i, entry in enumerate(data.get(key) or []):
+                kind, path = (entry.get(k) if isinstance(entry, dict) else getattr(entry, k, None) for k in ("type", "path"))
+                if kind != MULTIPLE_CHOICE_TYPE:
+                    raise ValueError(f"{feature} trains on answer letters: {key}[{i}] has type {kind!r}; use 'type: {MULTIPLE_CHOICE_TYPE}'")
+                if not Path(str(path)).is_file():
+                    raise ValueError(f"{feature}: {key}[{i}].path {path!r} is not a local JSONL file (its number of choices is read from it)")
+                paths.append(path)
+        if not paths:
+            raise ValueError(f"{feature} needs 'datasets' of type {MULTIPLE_CHOICE_TYPE}")
+        choice_count(paths)
+        reject_keys(data, feature, (
+            ("train_on_inputs", "only the answer letter may be supervised; remove 'train_on_inputs'"),
+            ("rl", "it is a supervised multiple-choice loss; remove 'rl'"),
+        ))  # fmt: skip
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -26,11 +26,13 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import torch
 from axolotl.prompt_tokenizers import IGNORE_INDEX, PromptTokenizingStrategy
 from axolotl.prompters import Prompter
 
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ANSWER_CUE = "Answer:"
+MULTIPLE_CHOICE_TYPE = "axolotl_blob.multiple_choice"  # the `type:` of a dataset entry that uses this strategy
 FIELDS = ("question", "choices", "answer")
 
 
@@ -173,6 +175,63 @@ def read_examples(path: str | Path, require_answer: bool = True) -> list[dict]:
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")
     return examples
+
+
+def choice_count(paths: list[str | Path]) -> int:
+    """K, the number of choices every question of these files has; a file whose questions differ is an error
+    naming the first line that differs (the label-token likelihood softmaxes over one set of K letters)."""
+    counts: dict[int, str] = {}
+    for path in paths:
+        with Path(path).open(encoding="utf-8") as f:
+            lines = [(lineno, line) for lineno, line in enumerate(f, start=1) if line.strip()]
+        for (lineno, _), example in zip(lines, read_examples(path)):
+            counts.setdefault(len(example["choices"]), f"{path}:{lineno}")
+    if len(counts) > 1:
+        found = ", ".join(f"{k} at {where}" for k, where in sorted(counts.items()))
+        raise ValueError(
+            f"multiple_choice.likelihood 'choices' softmaxes over one set of answer letters, but the training "
+            f"questions have different numbers of choices ({found}); give every question the same number of "
+            "choices, or use 'likelihood: vocabulary'"
+        )
+    return next(iter(counts))
+
+
+# --------------------------------------------------------------------------- label-token likelihood
+
+
+def choice_log_probs(logits: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-softmax over the K answer-letter logits at every supervised position, (n, K) in fp32; the answer's
+    index among them, (n,)). Causal: the logits at position t predict labels[t + 1]."""
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    label_ids = label_ids.to(logits.device)
+    picked = logits[:, :-1][..., label_ids][supervised].float()
+    answers = targets[supervised]
+    index = (answers[:, None] == label_ids[None, :]).float().argmax(-1)
+    if not bool((label_ids[index] == answers).all()):
+        raise ValueError(
+            "multiple_choice.likelihood 'choices': a supervised token is not an answer letter; train on "
+            "'type: axolotl_blob.multiple_choice' data with train_on_inputs false"
+        )
+    return torch.log_softmax(picked, dim=-1), index
+
+
+class ChoiceLikelihood:
+    """The Trainer's ``compute_loss_func`` for ``multiple_choice.likelihood: choices``: the cross-entropy over the K
+    answer letters only, −log softmax(logits[answer position, label_token_ids])[answer] (the BLoB reference's
+    likelihood; the calibration block's ``choices`` mode scores the same restriction).
+
+    Summed and divided by ``num_items_in_batch`` (the supervised tokens of the whole accumulated batch, across
+    ranks), as the Trainer expects of a ``compute_loss_func``; a plain mean where it passes none (evaluation).
+    """
+
+    def __init__(self, label_ids: list[int]):
+        self.label_ids = torch.tensor(label_ids)
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        log_probs, index = choice_log_probs(outputs.logits, labels, self.label_ids)
+        nll = -log_probs.gather(-1, index[:, None]).sum()
+        return nll / (num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1))
 
 
 # --------------------------------------------------------------------------- Axolotl strategy

@@ -17,7 +17,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 from transformers import set_seed
 
-from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings, RankSchedulerSettings
+from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings, MultipleChoiceSettings, RankSchedulerSettings
 from axolotl_blob.blob.model import (
     POSTERIOR_CONFIG_FILE,
     POSTERIOR_FILE,
@@ -34,6 +34,7 @@ from axolotl_blob.checkpoints import check_resumable, resume_checkpoint
 from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader, patch_p2p_probe
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
+from axolotl_blob.multiple_choice import ChoiceLikelihood, choice_count, label_token_ids
 from axolotl_blob.rank.adalora import load_adalora
 from axolotl_blob.rank.budget import check_steps
 from axolotl_blob.rank.trainer import STATE_FILE as RANK_STATE_FILE
@@ -71,7 +72,21 @@ def uses_plugin_features(cfg: DictDefault | dict) -> bool:
     """Whether the run selects a feature of this plugin; a run that selects none is left exactly as Axolotl runs it
     (Axolotl 0.21 loads every installed plugin into every run)."""
     cfg = cfg if isinstance(cfg, DictDefault) else DictDefault(cfg)
-    return cfg.adapter in ("blob", "adalora") or cfg.optimizer == "ivon" or bool(cfg.rank_scheduler or cfg.calibration)
+    return cfg.adapter in ("blob", "adalora") or cfg.optimizer == "ivon" or bool(cfg.rank_scheduler or cfg.calibration or cfg.multiple_choice)
+
+
+def install_choice_likelihood(cfg: DictDefault, trainer) -> None:
+    """`multiple_choice.likelihood: choices`: the Trainer's loss (and eval loss) becomes the K-way cross-entropy over
+    the answer letters, for any adapter, through the Trainer's own `compute_loss_func`."""
+    if trainer.compute_loss_func is not None:
+        raise ValueError(
+            f"multiple_choice.likelihood 'choices' replaces the Trainer's loss, which another setting already "
+            f"replaced ({trainer.compute_loss_func!r}); use one of them"
+        )
+    n_choices = choice_count([entry["path"] for entry in [*cfg.datasets, *(cfg.test_datasets or [])]])
+    label_ids = label_token_ids(trainer.processing_class, n_choices)
+    trainer.compute_loss_func = ChoiceLikelihood(label_ids)
+    LOG.info(f"multiple_choice: training on the {n_choices}-way cross-entropy over the answer-letter tokens {label_ids}")
 
 
 def adapter_seed(cfg: DictDefault) -> int:
@@ -212,6 +227,8 @@ class BlobPlugin(BasePlugin):
         if cfg.rank_scheduler and trainer.args.max_steps > 0:
             settings = rank_scheduler_settings(cfg)
             check_steps(settings.t_init, settings.t_final, trainer.args.max_steps)
+        if cfg.multiple_choice and MultipleChoiceSettings(**dict(cfg.multiple_choice)).likelihood == "choices":
+            install_choice_likelihood(cfg, trainer)
         if cfg.optimizer != "ivon":
             return
         settings = ivon_settings(cfg)
