@@ -46,7 +46,7 @@ class Prediction:
 
     def to_json(self) -> str:
         record = {k: v for k, v in asdict(self).items() if v is not None or k == "id"}
-        return json.dumps(record, ensure_ascii=False)
+        return json.dumps(record, ensure_ascii=False, allow_nan=False)  # strict JSON, as every file we write
 
 
 def predict(
