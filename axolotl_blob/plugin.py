@@ -26,6 +26,7 @@ from axolotl_blob.blob.model import (
     load_posterior,
     missing_posterior_files,
     save_posterior,
+    untie_output_embeddings,
 )
 from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
@@ -188,6 +189,13 @@ class BlobPlugin(BasePlugin):
             return model, (config if config_only else _without_reinitialisation(config))
         if cfg.adapter != "blob":
             return None
+        if model is not None and "lm_head" in (cfg.lora_target_modules or []):
+            copied = untie_output_embeddings(model)
+            if copied:
+                LOG.info(
+                    f"BLoB: lm_head shared its weight with the input embeddings (tie_word_embeddings); it now has its "
+                    f"own frozen copy ({copied:,} parameters), so merging its LoRA leaves the embeddings unchanged"
+                )
         model, lora_config = load_lora(model, cfg, inference=inference, config_only=config_only)
         if config_only:
             return None, lora_config

@@ -65,6 +65,23 @@ def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default"
     return count
 
 
+@torch.no_grad()
+def untie_output_embeddings(model: nn.Module) -> int:
+    """Give the output projection its own frozen copy of a weight it shares with the input embeddings
+    (tie_word_embeddings); returns the parameters copied, 0 when untied already.
+
+    PEFT puts a LoRA on a tied lm_head as on any linear layer: trained and evaluated unmerged it is right, but
+    merging it writes B·A into the shared weight, i.e. into the input embeddings too (both PEFT 0.20 and 0.21).
+    """
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or embeddings is None or output.weight is not embeddings.weight:
+        return 0
+    output.weight = nn.Parameter(embeddings.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False  # nothing re-ties them later (resize_token_embeddings, save)
+    return output.weight.numel()
+
+
 def kl_divergence(model: nn.Module, prior_std: float) -> torch.Tensor:
     """KL(q‖p) summed over every posterior entry of every layer (fp32 scalar)."""
     terms = [
