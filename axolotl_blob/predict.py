@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     if args.abstain_below is not None and not 0 <= args.abstain_below <= 1:
         parser.error(f"--abstain-below must be a probability in [0, 1], got {args.abstain_below}")
 
+    results = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # Axolotl logs (its whole config, …) to stdout: keep it for results
+        return _run(parser, args, results)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> list[Prediction]:
     from axolotl.cli.config import load_cfg
     from axolotl.loaders import load_tokenizer
 
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
         if args.output:
             lines.append(prediction.to_json() + "\n")
         else:
-            print(prediction.to_json(), flush=True)
+            print(prediction.to_json(), file=results, flush=True)
     if args.output:
         write_text(args.output, "".join(lines))
     print(_summary(predictions, n_samples), file=sys.stderr)
