@@ -1,6 +1,6 @@
 """Post-hoc calibration evaluation of a saved adapter (BLoB or plain LoRA) on a config's calibration datasets.
 
-    python -m axolotl_blob.evaluate CONFIG --adapter DIR [--samples N] [--json OUT]
+    python -m axolotl_blob.evaluate CONFIG --adapter DIR [--samples N] [--json OUT] [--mc-dropout | --fit-temperature FILE]
 
 The base model and tokenizer come from the config, exactly as training loaded them; a BLoB adapter directory
 (one with blob_posterior.safetensors) is evaluated with its full posterior, anything else as a point estimate.
@@ -18,7 +18,8 @@ import torch
 from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, read_posterior_spec
 from axolotl_blob.calibration.report import format_table, scalar_metrics
 from axolotl_blob.io import non_finite_as_null, write_json
-from axolotl_blob.sampling import sampler_for
+from axolotl_blob.multiple_choice import read_examples
+from axolotl_blob.sampling import DropoutSampler, sampler_for
 
 
 def load_adapter_model(cfg, adapter_dir: Path):
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--adapter", required=True, type=Path, help="directory of the saved adapter")
     parser.add_argument("--samples", type=int, default=None, help="posterior samples; 0 = posterior mean")
     parser.add_argument("--json", type=Path, default=None, help="write {dataset: {acc, ece, …, aurc_by_confidence, …, ood_auroc_by_mutual_info}}")
+    posthoc = parser.add_mutually_exclusive_group()
+    posthoc.add_argument("--mc-dropout", action="store_true", help="MC dropout: the N samples keep the (LoRA) dropout on")
+    posthoc.add_argument(
+        "--fit-temperature", type=Path, default=None, metavar="FILE",
+        help="temperature scaling: fit T on this multiple-choice JSONL (held-out training examples), then evaluate logits / T",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from axolotl.cli.config import load_cfg
@@ -66,10 +73,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     torch.manual_seed(cfg.seed or 0)
     device, autocast = inference_device_and_autocast(cfg)
-    model = load_adapter_model(cfg, args.adapter).to(device)
-    reports = evaluator.evaluate(model, load_tokenizer(cfg), sampler_for(model), autocast=autocast)
+    model, tokenizer = load_adapter_model(cfg, args.adapter).to(device), load_tokenizer(cfg)
+    extra = {}
+    if args.fit_temperature:
+        from axolotl_blob.calibration.temperature import TemperatureScaled, choice_log_probs, fit_temperature
+
+        held_out = read_examples(args.fit_temperature)
+        log_probs = choice_log_probs(model, tokenizer, held_out, evaluator.settings.batch_size, autocast)
+        extra["temperature"] = fit_temperature(log_probs, torch.tensor([e["answer"] for e in held_out]))
+        print(f"temperature T = {extra['temperature']:.4f}, fitted on {len(held_out)} examples of {args.fit_temperature}")
+        model = TemperatureScaled(model, extra["temperature"])
+    sampler = DropoutSampler(model) if args.mc_dropout else sampler_for(model)
+    reports = evaluator.evaluate(model, tokenizer, sampler, autocast=autocast)
     print(format_table(reports))
-    summary = {name: scalar_metrics(report) for name, report in reports.items()}
+    summary = {name: {**scalar_metrics(report), **extra} for name, report in reports.items()}
     if args.json:
         write_json(args.json, non_finite_as_null(summary))
     return summary

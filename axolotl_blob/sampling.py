@@ -49,6 +49,33 @@ class BlobSampler:
         return n_samples
 
 
+class DropoutSampler:
+    """MC dropout (Gal & Ghahramani, 2016) on a point-estimate model: every draw runs with the dropout layers
+    (LoRA's `lora_dropout` among them) active as in training; N = 0 is one pass with dropout off."""
+
+    def __init__(self, model: nn.Module):
+        self.dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        if not self.dropouts:
+            raise ValueError("MC dropout found no dropout layer with p > 0: train with lora_dropout > 0 (e.g. 0.1)")
+
+    def draws(self, n_samples: int) -> Iterator[None]:
+        if n_samples == 0:
+            yield
+            return
+        previous = [m.training for m in self.dropouts]
+        for module in self.dropouts:
+            module.train()
+        try:
+            for _ in range(n_samples):
+                yield
+        finally:
+            for module, training in zip(self.dropouts, previous):
+                module.train(training)
+
+    def samples_used(self, n_samples: int) -> int:
+        return n_samples
+
+
 def sampler_for(model: nn.Module, optimizer=None) -> PosteriorSampler:
     """The model's posterior source: IVON's optimizer state, BLoB layers, or none (a point estimate)."""
     from axolotl_blob.ivon.optimizer import IVON
