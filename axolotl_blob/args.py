@@ -122,6 +122,69 @@ def _deepspeed_config(value: Any) -> dict:
     return {}
 
 
+def _fsdp_version(data: dict) -> int | None:
+    """FSDP's version as Axolotl resolves it (top-level `fsdp_version`, else `fsdp_config.fsdp_version`, else 1),
+    or None without FSDP."""
+    fsdp_config = data.get("fsdp_config") or {}
+    if not (data.get("fsdp") or fsdp_config):
+        return None
+    version = data.get("fsdp_version") or (fsdp_config.get("fsdp_version") if isinstance(fsdp_config, dict) else None)
+    return int(version or 1)
+
+
+IVON_UNDER_FSDP = (
+    "the sample m + σ⊙ε would have to be drawn on each DTensor shard before FSDP's all-gather in forward, with "
+    "per-rank noise seeds and one sample per step; not built, use DDP"
+)
+RANK_SCHEDULING_UNDER_FSDP = "pruning reads and masks whole, unsharded factors; use DDP"
+
+
+def check_blob_engine(data: dict) -> None:
+    """`adapter: blob` under DeepSpeed or FSDP: what must hold for BLoB's optimizer and its saved posterior."""
+    where = f"DeepSpeed config {data['deepspeed']!r}" if isinstance(data.get("deepspeed"), str) else "the DeepSpeed config"
+    deepspeed = _deepspeed_config(data.get("deepspeed"))
+    zero = deepspeed.get("zero_optimization") or {}
+    if "optimizer" in deepspeed:
+        raise ValueError(
+            f"adapter: blob with {where}, which has an 'optimizer' section: DeepSpeed would replace the optimizer "
+            "that takes BLoB's KL and σ steps; remove the section (the Trainer then builds `optimizer:` and "
+            "DeepSpeed runs it)"
+        )
+    if "scheduler" in deepspeed:
+        raise ValueError(
+            f"adapter: blob with {where}, which has a 'scheduler' section: BLoB's KL step follows the Trainer's LR "
+            "schedule; remove the section and set lr_scheduler / warmup_steps instead"
+        )
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload != "none" and deepspeed.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ValueError(
+            f"adapter: blob with {where}: offload_optimizer (device {offload!r}) makes DeepSpeed refuse any "
+            "optimizer but its own CPU Adam, and BLoB wraps the Trainer's; add '\"zero_force_ds_cpu_optimizer\": "
+            "false' to the JSON (top level), or remove offload_optimizer"
+        )
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise ValueError(
+            f"adapter: blob with {where} (ZeRO-3): set 'stage3_gather_16bit_weights_on_model_save: true' in "
+            "zero_optimization; the adapter and the posterior of every checkpoint are written from that gathered "
+            "state dict, without it from empty shards"
+        )
+    version = _fsdp_version(data)
+    if version == 1:
+        raise ValueError(
+            "adapter: blob with FSDP1: it shards flattened parameters that the logged KL and the saved posterior "
+            "cannot gather; set 'fsdp_version: 2' (FSDP2's DTensor shards are gathered)"
+        )
+    if version == 2:
+        fsdp_config = data.get("fsdp_config") or {}
+        state_dict_type = fsdp_config.get("state_dict_type") or fsdp_config.get("fsdp_state_dict_type")
+        if state_dict_type != "FULL_STATE_DICT":
+            raise ValueError(
+                f"adapter: blob with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' (now "
+                f"{state_dict_type!r}): every checkpoint's adapter and posterior are written from the gathered "
+                "state dict, and a sharded one writes neither"
+            )
+
+
 class CalibrationDataset(StrictBlock):
     """One multiple-choice JSONL file to evaluate."""
 
@@ -271,9 +334,11 @@ class BlobPluginArgs(BaseModel):
                 "silently replace IVON; remove the 'optimizer' section from the DeepSpeed JSON"
             )
         reject_keys(data, "optimizer: ivon", (
-            ("deepspeed", "ZeRO hands the optimizer flat partitions the forward never uses; use DDP"),
-            ("fsdp", "its state is not sharded yet; use DDP"),
-            ("fsdp_config", "its state is not sharded yet; use DDP"),
+            ("deepspeed", "ZeRO hands the optimizer flat fp32 partitions the forward never reads: each sample "
+             "m + σ⊙ε would have to be written into the rank's 16-bit partition and all-gathered before the forward, "
+             "with per-rank noise seeds and one sample per step (ZeRO-3: gathered per layer in forward); not built, use DDP"),
+            ("fsdp", IVON_UNDER_FSDP),
+            ("fsdp_config", IVON_UNDER_FSDP),
             ("fp16", "the loss scaler would unscale only the last MC sample's gradient; use bf16 or fp32"),
             ("load_best_model_at_end", "the best checkpoint's weights would meet the last step's Hessian; remove it"),
             ("rl", "IVON's Trainer integration is for supervised (SFT / pretraining) training; remove 'rl'"),
@@ -305,9 +370,6 @@ class BlobPluginArgs(BaseModel):
             ("peft_use_dora", "BLoB's posterior is over LoRA's A factor and has no DoRA form; remove 'peft_use_dora'"),
             ("reward_model", "BLoB trains causal-LM objectives; remove 'reward_model'"),
             ("process_reward_model", "BLoB trains causal-LM objectives; remove 'process_reward_model'"),
-            ("deepspeed", "the KL step edits weights in place, which ZeRO's master copies would overwrite; use DDP"),
-            ("fsdp", "the posterior is saved and restored unsharded; use DDP"),
-            ("fsdp_config", "the posterior is saved and restored unsharded; use DDP"),
             ("load_best_model_at_end", "the best checkpoint's mean would meet the last step's σ; remove it"),
             ("lora_target_parameters", "BLoB wraps linear modules; use lora_target_modules instead"),
             *(
@@ -315,6 +377,7 @@ class BlobPluginArgs(BaseModel):
                 for kernel in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
             ),
         ))  # fmt: skip
+        check_blob_engine(data)
         settings = data.get("blob") or {}
         model_dir = data.get("lora_model_dir")
         if model_dir and not (isinstance(settings, dict) and settings.get("init_missing_posterior")):
@@ -397,6 +460,10 @@ class BlobPluginArgs(BaseModel):
             ))  # fmt: skip
         else:
             reject_keys(data, "rank_scheduler", (
+                ("deepspeed", "pruning reads and masks whole factors in the model, which ZeRO's master partitions "
+                 "would overwrite at the next step; use DDP"),
+                ("fsdp", RANK_SCHEDULING_UNDER_FSDP),
+                ("fsdp_config", RANK_SCHEDULING_UNDER_FSDP),
                 ("lora_rank_pattern", "every module starts at lora_r; remove it"),
                 ("lora_alpha_pattern", "the saved pattern sets each pruned module's alpha; remove it"),
             ))  # fmt: skip

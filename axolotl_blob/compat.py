@@ -14,6 +14,10 @@
    without a GPU (what `pip install axolotl` gives there) the probe raises "Found no NVIDIA driver". Where no
    CUDA device exists there is no peer access to probe: the probe answers as it does with a CPU build of torch,
    "nothing to disable" (:func:`patch_p2p_probe`).
+5. DeepSpeed on CPU-only machines: accelerate knows no process-group backend for DeepSpeed's CPU accelerator, so
+   its state counts one process while DeepSpeed's own group has all of them (DeepSpeed then refuses the batch
+   size the Trainer computed for one process). There the backend is gloo, what DeepSpeed falls back to without
+   oneCCL (:func:`patch_deepspeed_cpu_backend`).
 The plugin installs these only in runs that use one of its features (plugin.py), so an auto-loaded but unused
 plugin changes nothing; each is installed once per process, acts only when its condition holds at call time,
 and says so in the log when it acts.
@@ -66,12 +70,15 @@ def cpu_multiprocess() -> bool:
     return cpu_only() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def cpu_training_args() -> dict:
-    return {"use_cpu": True} if cpu_only() else {}
+def cpu_training_args(deepspeed: bool = False) -> dict:
+    """`use_cpu` on CPU-only machines, except under DeepSpeed: accelerate's `cpu` flag switches DeepSpeed off (the
+    run would silently train with DDP); DeepSpeed brings its own CPU accelerator and process group."""
+    return {"use_cpu": True} if cpu_only() and not deepspeed else {}
 
 
-def configure_cpu_runs() -> None:
-    if cpu_only() and "ACCELERATE_USE_CPU" not in os.environ:
+def configure_cpu_runs(deepspeed: bool = False) -> None:
+    """As :func:`cpu_training_args`: not under DeepSpeed."""
+    if cpu_only() and not deepspeed and "ACCELERATE_USE_CPU" not in os.environ:
         os.environ["ACCELERATE_USE_CPU"] = "true"
         LOG.info("axolotl_blob: no GPU: ACCELERATE_USE_CPU=true, so multi-process runs train with DDP on the CPU")
 
@@ -90,6 +97,23 @@ def patch_p2p_probe() -> None:
         return run
 
     _wrap_once(trainer_utils, "check_cuda_p2p_ib_support", answered_on_cpu)
+
+
+def patch_deepspeed_cpu_backend() -> None:
+    """accelerate's backend for a multi-process DeepSpeed run where no GPU exists: gloo (see 5. above)."""
+    from accelerate.state import PartialState
+
+    def gloo_on_cpu(original):
+        def run(self, cpu=False, *args, **kwargs):
+            backend, distributed_type = original(self, cpu, *args, **kwargs)
+            deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+            if backend is None and deepspeed and not cpu and cpu_only() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+                backend = "gloo"  # not logged here: the logger itself asks this half-built state for the rank
+            return backend, distributed_type
+
+        return run
+
+    _wrap_once(PartialState, "_prepare_backend", gloo_on_cpu)
 
 
 def patch_model_loader() -> None:

@@ -25,6 +25,7 @@ from axolotl_blob.blob.model import (
     check_posterior_files,
     load_posterior,
     missing_posterior_files,
+    posterior_state_dict,
     save_posterior,
     untie_output_embeddings,
 )
@@ -32,7 +33,14 @@ from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.checkpoints import check_resumable, resume_checkpoint
-from axolotl_blob.compat import configure_cpu_runs, cpu_training_args, patch_model_loader, patch_p2p_probe
+from axolotl_blob.compat import (
+    configure_cpu_runs,
+    cpu_training_args,
+    patch_deepspeed_cpu_backend,
+    patch_model_loader,
+    patch_p2p_probe,
+)
+from axolotl_blob.engines import is_global_main_process, process_group_gone
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
 from axolotl_blob.multiple_choice import ChoiceLikelihood, choice_count, label_token_ids
@@ -163,7 +171,9 @@ class BlobPlugin(BasePlugin):
             return
         patch_model_loader()  # each patch acts only when its condition holds (compat.py)
         patch_p2p_probe()
-        configure_cpu_runs()
+        configure_cpu_runs(deepspeed=bool(cfg.get("deepspeed")))
+        if cfg.get("deepspeed"):
+            patch_deepspeed_cpu_backend()
 
     def pre_model_load(self, cfg: DictDefault):
         """Files written by an earlier run must be whole: the checkpoint a run resumes from, and the posterior in
@@ -212,7 +222,7 @@ class BlobPlugin(BasePlugin):
         if not uses_plugin_features(cfg):
             return {}
         # `optimizer: ivon` must not reach TrainingArguments(optim=...): a placeholder, replaced in post_trainer_create
-        return {**cpu_training_args(), **({"optim": "adamw_torch"} if cfg.optimizer == "ivon" else {})}
+        return {**cpu_training_args(deepspeed=bool(cfg.deepspeed)), **({"optim": "adamw_torch"} if cfg.optimizer == "ivon" else {})}
 
     def get_trainer_cls(self, cfg: DictDefault):
         if cfg.adapter != "blob" and cfg.optimizer != "ivon" and not cfg.rank_scheduler:
@@ -259,6 +269,12 @@ class BlobPlugin(BasePlugin):
         return [CalibrationCallback(trainer, evaluator)]
 
     def post_train(self, cfg: DictDefault, model):
-        """Axolotl saves the final adapter with `model.save_pretrained`; the posterior goes beside it."""
-        if cfg.adapter == "blob" and cfg.local_rank in (0, None):
-            save_posterior(model, cfg.output_dir, posterior_spec(blob_settings(cfg)))
+        """Axolotl saves the final adapter; the posterior goes beside it, gathered on every rank (ZeRO-3, FSDP2) and
+        written by global rank 0 alone (every node has a local rank 0, and nodes may share the output directory).
+        Axolotl calls this hook twice; in a multi-process run the second call comes after the process group is
+        destroyed, when shards could not be gathered: the first call has written the file."""
+        if cfg.adapter != "blob" or process_group_gone():
+            return
+        tensors = posterior_state_dict(model)
+        if is_global_main_process():
+            save_posterior(model, cfg.output_dir, posterior_spec(blob_settings(cfg)), tensors)

@@ -21,7 +21,6 @@ BAD_INPUTS = [
     ("blob with RL", {"rl": "dpo"}, "adapter: blob cannot be combined with 'rl'"),
     ("blob with DoRA", {"peft_use_dora": True}, "adapter: blob cannot be combined with 'peft_use_dora'"),
     ("blob with fused LoRA kernels", {"lora_qkv_kernel": True}, "adapter: blob cannot be combined with 'lora_qkv_kernel'"),
-    ("blob with DeepSpeed", {"deepspeed": "zero2.json"}, "adapter: blob cannot be combined with 'deepspeed': the KL step"),
     ("blob with best-model reload", {"load_best_model_at_end": True}, "adapter: blob cannot be combined with 'load_best_model_at_end'"),
 ]
 

@@ -19,6 +19,7 @@ from torch import nn
 from axolotl_blob.blob.adapter_file import keep_posterior_out_of_adapter_file
 from axolotl_blob.blob.kl import gaussian_kl
 from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, posterior_std
+from axolotl_blob.engines import gathered
 from axolotl_blob.io import save_tensors, write_json
 
 POSTERIOR_FILE = "blob_posterior.safetensors"
@@ -83,22 +84,25 @@ def untie_output_embeddings(model: nn.Module) -> int:
 
 
 def kl_divergence(model: nn.Module, prior_std: float) -> torch.Tensor:
-    """KL(q‖p) summed over every posterior entry of every layer (fp32 scalar)."""
-    terms = [
-        gaussian_kl(layer.lora_A[adapter].weight, posterior_std(layer.blob_G[adapter]), prior_std)
-        for _, layer, adapter in blob_layers(model)
-    ]
-    return torch.stack(terms).sum()
+    """KL(q‖p) summed over every posterior entry of every layer (fp32 scalar), of the full tensors when an engine
+    shards them (a collective then: every rank calls it)."""
+    layers = list(blob_layers(model))
+    means = [layer.lora_A[adapter].weight for _, layer, adapter in layers]
+    with gathered(means + [layer.blob_G[adapter] for _, layer, adapter in layers]) as full:
+        terms = [gaussian_kl(mean, posterior_std(g), prior_std) for mean, g in zip(full, full[len(means) :])]
+        return torch.stack(terms).sum()
 
 
 @torch.no_grad()
 def posterior_summary(model: nn.Module) -> dict[str, float]:
-    """Mean σ over all posterior entries: a cheap signal of how much uncertainty the adapter learnt."""
+    """Mean σ over all posterior entries: a cheap signal of how much uncertainty the adapter learnt (full tensors,
+    as :func:`kl_divergence`)."""
     total, count = 0.0, 0
-    for _, layer, adapter in blob_layers(model):
-        std = posterior_std(layer.blob_G[adapter].float())
-        total += std.sum().item()
-        count += std.numel()
+    with gathered([layer.blob_G[adapter] for _, layer, adapter in blob_layers(model)]) as factors:
+        for g in factors:
+            std = posterior_std(g.float())
+            total += std.sum().item()
+            count += std.numel()
     return {"sigma_mean": total / max(count, 1)}
 
 
@@ -127,17 +131,27 @@ def _posterior_key(name: str, adapter: str) -> str:
     return f"{name}.{POSTERIOR_PARAM}" if adapter == "default" else f"{name}.{POSTERIOR_PARAM}.{adapter}"
 
 
-def posterior_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        _posterior_key(name, adapter): layer.blob_G[adapter].detach().cpu().contiguous()
-        for name, layer, adapter in blob_layers(model)
-    }
+def posterior_state_dict(model: nn.Module, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The σ factors by posterior key: read off `full_state_dict` (the model's state dict an engine already
+    gathered, keyed by parameter name) where it has them, else off the model (gathered: every rank calls it)."""
+    layers = list(blob_layers(model))
+    names = [f"{name}.{POSTERIOR_PARAM}.{adapter}" for name, _, adapter in layers]
+    if full_state_dict is not None and all(name in full_state_dict for name in names):
+        return _keyed(layers, [full_state_dict[name] for name in names])
+    with gathered([layer.blob_G[adapter] for _, layer, adapter in layers]) as factors:
+        return _keyed(layers, factors)
 
 
-def save_posterior(model: nn.Module, directory: str | Path, spec: PosteriorSpec) -> None:
-    """Write the σ factors and their parameterisation beside the PEFT adapter in `directory`, each file whole."""
+def _keyed(layers: list[tuple[str, LoraLayer, str]], factors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies (a gathered shard's memory is released when its block ends), by posterior key."""
+    return {_posterior_key(name, adapter): g.detach().to("cpu", copy=True).contiguous() for (name, _, adapter), g in zip(layers, factors)}
+
+
+def save_posterior(model: nn.Module, directory: str | Path, spec: PosteriorSpec, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the σ factors (`tensors` from :func:`posterior_state_dict`, else the model's own) and their
+    parameterisation beside the PEFT adapter in `directory`, each file whole."""
     directory = Path(directory)
-    save_tensors(directory / POSTERIOR_FILE, posterior_state_dict(model))
+    save_tensors(directory / POSTERIOR_FILE, posterior_state_dict(model) if tensors is None else tensors)
     write_json(directory / POSTERIOR_CONFIG_FILE, asdict(spec))
 
 

@@ -25,10 +25,12 @@ from axolotl_blob.blob.model import (
     kl_divergence,
     load_posterior,
     module_key,
+    posterior_state_dict,
     posterior_summary,
     save_posterior,
 )
 from axolotl_blob.blob.optimizer import MEAN, BlobOptimizer, first_non_finite, set_kl_weight
+from axolotl_blob.engines import is_sharded, is_zero3_partitioned, local_shard
 from axolotl_blob.sampling import BlobSampler, bma_log_probs, bma_token_nll, next_token_nll
 
 
@@ -61,7 +63,7 @@ def cycle_steps(settings: BlobSettings, args: TrainingArguments, train_dataloade
 
 
 def non_finite_error(role: str, tensor: torch.Tensor, model: nn.Module, step: int, settings: BlobSettings) -> NonFinitePosteriorError:
-    names = {id(param): name for name, param in model.named_parameters()}
+    names = {id(local_shard(param)): name for name, param in model.named_parameters()}
     where = module_key(names.get(id(tensor), "a flat partition of the optimizer (the engine holds no names)"))
     factor = "mean M (lora_A)" if role == MEAN else "σ factor G (blob_G)"
     return NonFinitePosteriorError(
@@ -82,12 +84,14 @@ class BlobKLSchedule(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.cycle_steps = cycle_steps(self.settings, args, train_dataloader)
 
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        """Before the step's first micro-batch: DeepSpeed steps inside the last backward, before the Trainer's
+        `on_pre_optimizer_step`."""
         self.last_weight = kl_weight(state.global_step + 1, self.cycle_steps, self.settings.kl_weighting)
         set_kl_weight(optimizer.param_groups, self.last_weight)
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        found = first_non_finite(optimizer.param_groups)
+        found = first_non_finite(optimizer.param_groups if not zero3_partitioned(model) else posterior_shards(model))
         if found is not None:
             raise non_finite_error(*found, model, state.global_step + 1, self.settings)
 
@@ -96,6 +100,16 @@ def posterior_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
     """(means M, σ factors G) of every BLoB layer."""
     layers = list(blob_layers(model))
     return [layer.lora_A[a].weight for _, layer, a in layers], [layer.blob_G[a] for _, layer, a in layers]
+
+
+def zero3_partitioned(model: nn.Module) -> bool:
+    return any(is_zero3_partitioned(g) for g in posterior_parameters(model)[1])
+
+
+def posterior_shards(model: nn.Module) -> list[dict]:
+    """The role groups as this rank holds them in the model: ZeRO-3 empties the optimizer's groups outside its step."""
+    means, sigmas = posterior_parameters(model)
+    return [{"role": MEAN, "params": [local_shard(p) for p in means]}, {"role": SIGMA, "params": [local_shard(p) for p in sigmas]}]
 
 
 @contextlib.contextmanager
@@ -165,12 +179,18 @@ class BlobTrainerMixin:
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
+        """On the saving process only: under ZeRO-3 / FSDP the σ factors come from the state dict the engine
+        gathered for the adapter (`posterior_state_dict`)."""
         super()._save(output_dir, state_dict=state_dict)
-        save_posterior(self.model, output_dir or self.args.output_dir, posterior_spec(self.blob_settings))
+        tensors = posterior_state_dict(self.model, state_dict)
+        save_posterior(self.model, output_dir or self.args.output_dir, posterior_spec(self.blob_settings), tensors)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        """The posterior file restores G; under FSDP the engine's own sharded checkpoint already did."""
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        load_posterior(model if model is not None else self.model, resume_from_checkpoint)
+        model = model if model is not None else self.model
+        if not any(is_sharded(g) for g in posterior_parameters(model)[1]):
+            load_posterior(model, resume_from_checkpoint)
 
 
 def posterior_spec(settings: BlobSettings) -> PosteriorSpec:
