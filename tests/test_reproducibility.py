@@ -372,3 +372,30 @@ def test_a_posterior_of_another_shape_fails_before_copying_anything(saved_poster
     with pytest.raises(PosteriorFileError, match=r"blob_posterior.safetensors: .*blob_G has shape \(4, 64\), the model's is \(2, 64\): .*lora_r"):
         load_posterior(model, saved_posterior)
     assert_identical_tensors(posterior_state_dict(model), before)
+
+
+def fake_checkpoint(output_dir: Path, step: int, state: str | None = "{}") -> Path:
+    from safetensors.torch import save_file
+
+    checkpoint = output_dir / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, checkpoint / "adapter_model.safetensors")
+    if state is not None:
+        (checkpoint / "trainer_state.json").write_text(state)
+    return checkpoint
+
+
+def test_the_previous_complete_checkpoint_skips_incomplete_ones(tmp_path):
+    from axolotl_blob.checkpoints import check_resumable, resume_checkpoint
+
+    complete_one = fake_checkpoint(tmp_path, 5)
+    fake_checkpoint(tmp_path, 10, state='{"global_step": 1')  # cut short
+    newest = fake_checkpoint(tmp_path, 15, state=None)
+    assert resume_checkpoint(None, True, tmp_path) == newest and resume_checkpoint(None, False, tmp_path) is None
+    with pytest.raises(ValueError, match=rf"incomplete \(trainer_state.json is missing\).*The previous complete checkpoint is {complete_one}:"):
+        check_resumable(newest)
+    with pytest.raises(ValueError, match=r"trainer_state.json does not read back \(JSONDecodeError"):
+        check_resumable(tmp_path / "checkpoint-10")
+    with pytest.raises(ValueError, match=rf"incomplete \(blob_posterior.safetensors is missing\).*No earlier complete checkpoint is in {tmp_path}"):
+        check_resumable(complete_one, ["blob_posterior.safetensors"])
+    check_resumable(complete_one)  # complete: no error
