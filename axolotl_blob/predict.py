@@ -90,7 +90,8 @@ def predict(
 
 def _summary(predictions: list[Prediction], n_samples: int) -> str:
     answered = [p for p in predictions if not p.abstained]
-    line = f"{len(predictions)} questions, N = {n_samples}: {len(answered)} answered, {len(predictions) - len(answered)} abstained"
+    abstained = len(predictions) - len(answered)
+    line = f"{len(predictions)} questions, N = {n_samples}: {len(answered)} answered, {abstained} abstained"
     graded = [p for p in answered if p.correct is not None]
     if graded:
         line += f"; accuracy on the answered {sum(p.correct for p in graded) / len(graded):.4f}"
@@ -111,10 +112,10 @@ def default_samples(cfg, has_blob_posterior: bool, has_ivon_state: bool) -> int:
 def main(argv: list[str] | None = None) -> list[Prediction]:
     parser = argparse.ArgumentParser(prog="python -m axolotl_blob.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="the Axolotl YAML config the adapter was trained with (base model, tokenizer)")
-    parser.add_argument("--adapter", required=True, type=Path, help="adapter directory (BLoB, TFB, LoRA, or an IVON checkpoint-N)")
+    parser.add_argument("--adapter", required=True, type=Path, help="BLoB, TFB or LoRA adapter, or an IVON checkpoint-N")
     parser.add_argument("--input", required=True, type=Path, help="JSONL: {question, choices, optional id and answer}")
     parser.add_argument("--samples", type=int, default=None, help="posterior samples; 0 = one pass at the mean")
-    parser.add_argument("--abstain-below", type=float, default=None, help="abstain where the answer's probability is below P")
+    parser.add_argument("--abstain-below", type=float, default=None, help="abstain where the answer's probability < P")
     parser.add_argument("--output", type=Path, default=None, help="write the JSON lines here (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (8)")
     args = parser.parse_args(argv)
@@ -173,7 +174,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     predictions = []
     lines = []
     progress = len(questions) > args.batch_size
-    for prediction in predict(model, tokenizer, questions, sampler, n_samples, args.abstain_below, args.batch_size, autocast, progress):
+    answers = predict(model, tokenizer, questions, sampler, n_samples, args.abstain_below, args.batch_size, autocast, progress)
+    for prediction in answers:
         predictions.append(prediction)
         if args.output:
             lines.append(prediction.to_json() + "\n")

@@ -118,9 +118,8 @@ def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric:
 
 
 def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, autocast) -> torch.Tensor:
-    return torch.cat(
-        [probs for _, probs, _ in choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size, autocast)]
-    )
+    batches = choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size, autocast)
+    return torch.cat([probs for _, probs, _ in batches])
 
 
 @dataclass
@@ -154,7 +153,8 @@ def bayesianize_tfb(
     def change(sigma_q: float) -> float:
         set_noise_scale(model, inverse_singular_values, sigma_q)
         torch.manual_seed(seed)  # the same noise for every σ_q: the change grows with σ_q, not with luck
-        return prediction_change(mean_probs, _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, autocast), metric)
+        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, autocast)
+        return prediction_change(mean_probs, bma_probs, metric)
 
     search = largest_within_tolerance(change, *sigma_range, tolerance=tolerance, steps=steps)
     set_noise_scale(model, inverse_singular_values, search.sigma)

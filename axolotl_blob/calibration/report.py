@@ -81,13 +81,15 @@ def risk_coverage_plot(report: dict, title: str, path: Path) -> None:
 
     curves = report["risk_coverage"]
     figure, axis = plt.subplots(figsize=(4.8, 4.8))
-    for name, label, colour in (("confidence", "max probability", "#4477aa"), ("mutual_info", "mutual information", "#cc3311")):
-        axis.plot(curves["coverage"], curves[f"risk_by_{name}"], color=colour,
-                  label=f"by {label} (AURC {report[f'aurc_by_{name}']:.3f})")  # fmt: skip
+    rankings = (("confidence", "max probability", "#4477aa"), ("mutual_info", "mutual information", "#cc3311"))
+    for name, label, colour in rankings:
+        aurc = report[f"aurc_by_{name}"]
+        axis.plot(curves["coverage"], curves[f"risk_by_{name}"], color=colour, label=f"by {label} (AURC {aurc:.3f})")
     axis.axhline(1 - report["acc"], linestyle="--", color="gray", label="answering everything")
     axis.set(xlim=(0, 1), ylim=(0, max(0.05, *curves["risk_by_confidence"], *curves["risk_by_mutual_info"]) * 1.1),
              xlabel="coverage (fraction answered)", ylabel="selective risk (error rate among answered)")  # fmt: skip
-    axis.set_title(f"{title}\nacc@80 % {report['acc_cov80_by_confidence']:.3f}  acc@90 % {report['acc_cov90_by_confidence']:.3f} (max prob.)", fontsize=9)
+    at80, at90 = report["acc_cov80_by_confidence"], report["acc_cov90_by_confidence"]
+    axis.set_title(f"{title}\nby max probability: acc@80 % {at80:.3f}  acc@90 % {at90:.3f}", fontsize=9)
     axis.legend(loc="upper left", fontsize=7)
     figure.tight_layout()
     with replaced_whole(path) as temporary:
