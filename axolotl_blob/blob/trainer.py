@@ -29,7 +29,7 @@ from axolotl_blob.blob.model import (
     posterior_summary,
     save_posterior,
 )
-from axolotl_blob.blob.optimizer import MEAN, BlobOptimizer, first_non_finite, set_kl_weight
+from axolotl_blob.blob.optimizer import MEAN, SIGMA, BlobOptimizer, first_non_finite, set_kl_weight
 from axolotl_blob.engines import is_sharded, is_zero3_partitioned, local_shard
 from axolotl_blob.sampling import BlobSampler, bma_log_probs, bma_token_nll, next_token_nll
 
