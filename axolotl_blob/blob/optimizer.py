@@ -118,7 +118,8 @@ class BlobOptimizer(Optimizer):
         inner.param_groups[:] = [
             {**group, **blob_keys} if group.get("role") else group for group in split_by_role(inner.param_groups, roles)
         ]
-        own = [{"params": sigmas, "role": SIGMA, "lr": kl_lr, **blob_keys}] if sigma_update == "reference" and sigmas else []
+        # weight_decay: the σ step has none, and Axolotl ≥ 0.20 reads every group's on resume
+        own = [{"params": sigmas, "role": SIGMA, "lr": kl_lr, "weight_decay": 0.0, **blob_keys}] if sigma_update == "reference" and sigmas else []
         super().__init__([*inner.param_groups, *own], defaults={"lr": kl_lr})
         self.state = inner.state  # one state for every group: engines read optimizer.state[param] directly
         self.defaults = inner.defaults
