@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from axolotl_blob.blob.model import blob_layers, posterior_sampling
+from axolotl_blob.multiple_choice import choice_log_probs
 
 
 class PosteriorSampler(Protocol):
@@ -127,3 +128,21 @@ def bma_token_nll(
     picked = log_mean_exp(label_log_probs())
     mask = labels[:, 1:] != -100
     return -(picked * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def bma_choice_nll(
+    model: nn.Module, model_inputs: dict, labels: torch.Tensor, label_ids: torch.Tensor, sampler: PosteriorSampler, n_samples: int
+) -> torch.Tensor:
+    """−log((1/N) Σ_n p_n(answer)) with p_n the softmax over the K answer letters (multiple_choice.likelihood:
+    choices), mean over the supervised positions."""
+    answers: list[torch.Tensor] = []
+
+    def letter_log_probs() -> Iterator[torch.Tensor]:
+        for _ in sampler.draws(n_samples):
+            log_probs, index = choice_log_probs(model(**model_inputs).logits, labels, label_ids)
+            answers.append(index)
+            yield log_probs
+
+    averaged = log_mean_exp(letter_log_probs())
+    return -averaged.gather(-1, answers[0][:, None]).mean()

@@ -133,3 +133,22 @@ def test_a_nan_in_g_stops_training_naming_the_layer_the_step_and_the_settings(hf
     assert "σ factor G (blob_G) of model.layers.1.self_attn.v_proj.blob_G.default" in message
     assert "after optimizer step 7" in message
     assert "blob.kl_lr (now 0.02)" in message and "blob.init_std (now 0.05)" in message and "bf16: true" in message
+
+
+def test_bma_eval_loss_under_the_choice_likelihood_averages_k_way_probabilities(model):
+    from axolotl_blob.multiple_choice import ChoiceLikelihood
+
+    trainer = trainer_with(BlobSettings(eval_samples=3))
+    label_ids = [11, 12, 13]
+    trainer.compute_loss_func = ChoiceLikelihood(label_ids)
+    ids = torch.randint(20, 100, (2, 6), generator=torch.Generator().manual_seed(5))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5], labels[1, 4] = 12, 13
+    model.eval()
+    torch.manual_seed(2)
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    torch.manual_seed(2)
+    with posterior_sampling(model, enabled=True), torch.no_grad():
+        letters = torch.stack([model(input_ids=ids).logits[[0, 1], [4, 3]][:, label_ids].float() for _ in range(3)])
+    expected = -torch.log(torch.softmax(letters, -1).mean(0)[[0, 1], [1, 2]]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -31,7 +31,8 @@ from axolotl_blob.blob.model import (
 )
 from axolotl_blob.blob.optimizer import MEAN, SIGMA, BlobOptimizer, first_non_finite, set_kl_weight
 from axolotl_blob.engines import is_sharded, is_zero3_partitioned, local_shard
-from axolotl_blob.sampling import BlobSampler, bma_log_probs, bma_token_nll, next_token_nll
+from axolotl_blob.multiple_choice import ChoiceLikelihood
+from axolotl_blob.sampling import BlobSampler, bma_choice_nll, bma_log_probs, bma_token_nll, next_token_nll
 
 
 class NonFinitePosteriorError(FloatingPointError):
@@ -161,13 +162,18 @@ class BlobTrainerMixin:
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _bma_eval_loss(self, model, inputs, return_outputs: bool):
-        """Eval loss = NLL of the probabilities averaged over `eval_samples` posterior draws."""
+        """Eval loss = NLL of the probabilities averaged over `eval_samples` posterior draws (over the K answer
+        letters under multiple_choice.likelihood: choices)."""
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         sampler, n_samples = BlobSampler(model), self.blob_settings.eval_samples
         if return_outputs and not self.args.prediction_loss_only:
             log_probs = bma_log_probs(model, model_inputs, sampler, n_samples)
             return next_token_nll(log_probs, inputs["labels"]), {"logits": log_probs}
-        loss = bma_token_nll(model, model_inputs, inputs["labels"], sampler, n_samples)
+        choices = getattr(self, "compute_loss_func", None)
+        if isinstance(choices, ChoiceLikelihood):  # multiple_choice.likelihood: choices
+            loss = bma_choice_nll(model, model_inputs, inputs["labels"], choices.label_ids, sampler, n_samples)
+        else:
+            loss = bma_token_nll(model, model_inputs, inputs["labels"], sampler, n_samples)
         return (loss, {}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
