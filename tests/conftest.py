@@ -130,6 +130,14 @@ def base_config(model_dir: Path, data: Path, output_dir: Path, **overrides) -> d
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
 
 
+def subprocess_env(path_first: tuple[Path, ...] = ()) -> dict[str, str]:
+    """The environment of a test's subprocess: offline, with the test plugins importable (after `path_first`, which
+    can shadow installed packages) before the caller's PYTHONPATH."""
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    pythonpath = os.pathsep.join(str(p) for p in (*path_first, Path(__file__).parent / "helpers", *inherited))
+    return {**os.environ, **OFFLINE_ENV, "PYTHONPATH": pythonpath}
+
+
 def run_module(
     module: str,
     args: list[str],
@@ -144,9 +152,7 @@ def run_module(
     (after `path_first`, which can shadow installed packages); the output goes to workdir/`log`, and an unexpected
     outcome fails the test with its stderr."""
     command = (launcher or [sys.executable, "-m"]) + [module, *args]
-    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
-    pythonpath = os.pathsep.join(str(p) for p in (*path_first, Path(__file__).parent / "helpers", *inherited))
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": pythonpath}
+    env = subprocess_env(path_first)
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     (workdir / log).write_text(result.stdout + result.stderr)
     if expect_success:

@@ -128,6 +128,7 @@ def test_zero3_trains_as_ddp_from_shards(tiny_model_dir, completion_data, tmp_pa
 
 
 def test_zero2_checkpoint_resumes_bit_identically(zero2_run, tiny_model_dir, completion_data, tmp_path):
+    assert len(list((zero2_run / "checkpoint-3" / "global_step3").glob("*optim_states.pt"))) == 2  # each rank's partition
     out = resume_dir(zero2_run, "checkpoint-3", tmp_path)
     config = engine_config(tiny_model_dir, completion_data, tmp_path, stage=2, resume_from_checkpoint=str(out / "checkpoint-3"))
     run_axolotl(config, tmp_path, launcher=TORCHRUN_2)

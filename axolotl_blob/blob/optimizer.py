@@ -150,6 +150,10 @@ class BlobOptimizer(Optimizer):
                         param.grad.detach_().zero_()
 
     def state_dict(self) -> dict[str, Any]:
+        """Empty entries go first: an engine that reads ``optimizer.state[p]`` for a σ factor the inner optimizer
+        does not hold (DeepSpeed ZeRO links every group's state) creates one, which the inner state_dict rejects."""
+        for param in [param for param, state in self.inner.state.items() if not state]:
+            del self.inner.state[param]
         return {"inner": self.inner.state_dict(), "own_groups": [_hyperparameters(g) for g in self._own_groups]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
