@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[args.metric]
     batch_size = args.batch_size or (cfg.calibration or {}).get("batch_size") or 8
     try:  # every input checked before any weights load
-        check_lora_adapter(args.adapter, cfg.base_model)
+        if check_lora_adapter(args.adapter, cfg.base_model).get("use_dora"):
+            raise ValueError(f"{args.adapter}: a DoRA adapter; BLoB's posterior (and so TFB's) has no DoRA form")
         anchors = anchor_examples(cfg, args.anchors, seed)
         tokenizer = load_tokenizer(cfg)
         label_token_ids(tokenizer, max(len(e["choices"]) for e in anchors))

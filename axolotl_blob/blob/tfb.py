@@ -124,6 +124,8 @@ def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, auto
 
 @dataclass
 class TfbResult:
+    """σ_q found, the search's (σ_q, change) trace, and how many layers and zero singular values there were."""
+
     sigma_q: float
     trace: list[tuple[float, float]]
     layers: int

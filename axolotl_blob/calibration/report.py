@@ -90,7 +90,7 @@ def risk_coverage_plot(report: dict, title: str, path: Path) -> None:
              xlabel="coverage (fraction answered)", ylabel="selective risk (error rate among answered)")  # fmt: skip
     at80, at90 = report["acc_cov80_by_confidence"], report["acc_cov90_by_confidence"]
     axis.set_title(f"{title}\nby max probability: acc@80 % {at80:.3f}  acc@90 % {at90:.3f}", fontsize=9)
-    axis.legend(loc="upper left", fontsize=7)
+    axis.legend(loc="best", fontsize=7)
     figure.tight_layout()
     with replaced_whole(path) as temporary:
         figure.savefig(temporary, dpi=120)
