@@ -1,0 +1,412 @@
+"""The calibration study of BLoB against strong baselines: arms × seeds, one JSON line per finished run.
+
+    python bench/calibration_study.py study  [--seeds 1 2 3] [--arms ARM ...]   # train and evaluate, skip done runs
+    python bench/calibration_study.py search [--grid KNOB=V1,V2 ...]            # hyperparameters, training file only
+    python bench/calibration_study.py render [--results FILE]                    # README table + figure from the file
+
+Every run trains through ``python -m axolotl.cli.train`` from an example config (``example_configs/lora-…`` or
+``blob-smollm2-sarcasm.yml``) with overrides, one training at a time, and is evaluated by
+``python -m axolotl_blob.evaluate`` on the config's calibration datasets (the 300 validation headlines, and any OOD
+set the block lists) — except IVON, whose posterior lives in its optimizer state, scored by the run's own
+at-end calibration. A run already in the results file is skipped, so the study can be stopped and continued.
+
+``search`` never sees the validation headlines: it trains on 80 % of the training file and scores the other 20 %
+(the slice temperature scaling is fitted on too), varying one knob at a time around the example config unless
+``--grid`` says otherwise. Its lines go to ``bench/results/calibration_search.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "calibration_study.jsonl"
+SEARCH_RESULTS = ROOT / "bench" / "results" / "calibration_search.jsonl"
+WORK = ROOT / "outputs" / "calibration_study"
+LORA_CONFIG = ROOT / "example_configs" / "lora-smollm2-sarcasm.yml"
+BLOB_CONFIG = ROOT / "example_configs" / "blob-smollm2-sarcasm.yml"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled"}
+HELD_OUT_FRACTION = 0.2
+METRICS = ("acc", "ece", "nll", "brier", "confidence", "mutual_info")
+
+
+@dataclass(frozen=True)
+class Training:
+    """One way to train: an example config and the overrides on top of it."""
+
+    config: Path
+    overrides: dict = field(default_factory=dict)
+    held_out_split: bool = False  # train on the 80 % slice (temperature scaling fits T on the other 20 %)
+    scored_in_training: bool = False  # IVON: its own at-end calibration holds the BMA over its optimizer state
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    training: str
+    samples: int
+    flags: tuple[str, ...] = ()  # extra `evaluate` flags
+    tfb: bool = False  # bayesianize the training's LoRA adapter first
+
+
+TRAININGS = {
+    "lora": Training(LORA_CONFIG),
+    "lora_weight_decay": Training(LORA_CONFIG, {"weight_decay": 0.1}),
+    "lora_dropout": Training(LORA_CONFIG, {"lora_dropout": 0.1}),  # the reference's MC-dropout rate
+    "lora_held_out": Training(LORA_CONFIG, held_out_split=True),
+    "ivon": Training(
+        LORA_CONFIG,
+        {"optimizer": "ivon", "learning_rate": 1.0, "ivon": {"ess": 4000.0, "hess_init": 1.0, "clip_radius": 0.01, "eval_samples": 10},
+         "calibration": {"samples": 10}},
+        scored_in_training=True,
+    ),  # the IVON settings of example_configs/adalora-ivon-snr-smollm2-sarcasm.yml
+    "blob_reference": Training(BLOB_CONFIG, {"blob": {"sigma_update": "reference"}}),
+    "blob_optimizer": Training(BLOB_CONFIG, {"blob": {"sigma_update": "optimizer"}}),
+}
+ARMS = {
+    "lora": Arm("LoRA (MLE)", "lora", 0),
+    "lora_map": Arm("LoRA + weight decay 0.1 (MAP)", "lora_weight_decay", 0),
+    "lora_mc_dropout": Arm("LoRA + MC dropout 0.1, N = 10", "lora_dropout", 10, ("--mc-dropout",)),
+    "lora_temperature": Arm("LoRA + temperature scaling (T on 20 % of the training file)", "lora_held_out", 0),
+    "ivon": Arm("IVON on LoRA, BMA N = 10", "ivon", 10),
+    "blob_reference": Arm("BLoB, reference σ update, N = 10", "blob_reference", 10),
+    "blob_reference_mean": Arm("BLoB, reference σ update, N = 0 (mean)", "blob_reference", 0),
+    "blob_optimizer": Arm("BLoB, σ in the Trainer's optimizer (0.x routing), N = 10", "blob_optimizer", 10),
+    "tfb": Arm("TFB on the LoRA (MLE) adapters, N = 10", "lora", 10, tfb=True),
+}
+SEARCH_KNOBS = {  # knob → (config path, values tried one at a time around the example config)
+    "kl_lr": ("blob.kl_lr", [0.002, 0.005, 0.02]),
+    "prior_std": ("blob.prior_std", [0.1, 0.15]),
+    "init_std": ("blob.init_std", [0.02, 0.1]),
+    "kl_cycle_steps": ("blob.kl_cycle_steps", ["rescaled"]),
+    "sigma_update": ("blob.sigma_update", ["optimizer"]),
+    "likelihood": ("multiple_choice.likelihood", ["choices"]),
+    "lm_head": ("lora_target_modules", [["q_proj", "v_proj", "lm_head"]]),
+}
+
+
+# --------------------------------------------------------------------------- configs and processes
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def set_path(overrides: dict, path: str, value) -> dict:
+    """{"a": {"b": value}} for path "a.b", merged into a copy of `overrides`."""
+    keys = path.split(".")
+    nested = value
+    for key in reversed(keys):
+        nested = {key: nested}
+    return deep_merge(overrides, nested)
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run from the repo root (the example configs' paths are relative to it), offline; seconds taken."""
+    start = time.time()
+    with log.open("w") as f:
+        result = subprocess.run(command, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
+    return time.time() - start
+
+
+def splits(train_file: Path) -> tuple[Path, Path]:
+    """80 % / 20 % of the training file, shuffled with seed 0 (the same slices for every seed and arm)."""
+    directory = WORK / "splits"
+    train_split, held_out = directory / "train_split.jsonl", directory / "held_out.jsonl"
+    if not held_out.is_file():
+        lines = [line for line in train_file.read_text().splitlines() if line.strip()]
+        random.Random(0).shuffle(lines)
+        cut = round(len(lines) * (1 - HELD_OUT_FRACTION))
+        directory.mkdir(parents=True, exist_ok=True)
+        train_split.write_text("\n".join(lines[:cut]) + "\n")
+        held_out.write_text("\n".join(lines[cut:]) + "\n")
+    return train_split, held_out
+
+
+def truncated(path: Path, limit: int | None) -> Path:
+    """The first `limit` examples of a JSONL file (smoke runs), else the file itself."""
+    if limit is None:
+        return path
+    out = WORK / "smoke-data" / path.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([line for line in path.read_text().splitlines() if line.strip()][:limit]) + "\n")
+    return out
+
+
+@dataclass
+class Setting:
+    """Where runs go and how they are cut down (smoke tests)."""
+
+    results: Path
+    work: Path
+    extra: dict = field(default_factory=dict)  # overrides on every training (e.g. max_steps for a smoke test)
+    eval_limit: int | None = None
+    search: bool = False  # train on the 80 % slice, score the 20 % slice: never the validation headlines
+
+
+def train_file(training: Training) -> Path:
+    return ROOT / yaml.safe_load(training.config.read_text())["datasets"][0]["path"]
+
+
+def training_config(name: str, training: Training, seed: int, setting: Setting, knobs: dict | None = None) -> dict:
+    config = yaml.safe_load(training.config.read_text())
+    config = deep_merge(config, training.overrides)
+    config = deep_merge(config, knobs or {})
+    train_split, held_out = splits(train_file(training))
+    if training.held_out_split or setting.search:
+        config["datasets"][0]["path"] = str(train_split)
+    if setting.search:
+        config["calibration"]["datasets"] = [{"path": str(truncated(held_out, setting.eval_limit)), "name": "held_out"}]
+    else:
+        for dataset in config["calibration"]["datasets"]:
+            dataset["path"] = str(truncated(ROOT / dataset["path"], setting.eval_limit))
+    config["calibration"]["at_end"] = training.scored_in_training
+    directory = setting.work / f"{name}-seed{seed}"
+    config = deep_merge(config, {
+        "seed": seed, "output_dir": str(directory / "out"), "dataset_prepared_path": str(setting.work / "prepared"),
+        **setting.extra,
+    })  # fmt: skip
+    return config
+
+
+def train(name: str, training: Training, seed: int, setting: Setting, knobs: dict | None = None) -> tuple[Path, dict]:
+    """Train once per (training, seed); a finished training is reused by every arm that evaluates it."""
+    config = training_config(name, training, seed, setting, knobs)
+    directory = Path(config["output_dir"]).parent
+    done = directory / "trained.json"
+    if done.is_file():
+        return directory, json.loads(done.read_text())
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"training {directory.name} …", flush=True)
+    seconds = run([sys.executable, "-m", "axolotl.cli.train", str(directory / "config.yml")], directory / "train.log")
+    info = {"train_seconds": round(seconds, 1)}
+    done.write_text(json.dumps(info))
+    return directory, info
+
+
+def scalar(report: dict) -> dict:
+    return {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def in_training_metrics(directory: Path) -> dict:
+    reports = sorted((directory / "out" / "calibration").glob("step-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if not reports:
+        raise RuntimeError(f"{directory}: the run wrote no calibration report")
+    return {name: scalar(report) for name, report in json.loads(reports[-1].read_text())["datasets"].items()}
+
+
+def evaluate(arm_name: str, arm: Arm, directory: Path, setting: Setting) -> tuple[dict, float]:
+    config, adapter = directory / "config.yml", directory / "out"
+    seconds = 0.0
+    if arm.tfb:
+        tfb_dir = directory / "tfb"
+        if not (tfb_dir / "adapter_config.json").is_file():
+            anchors = ["--anchors", str(setting.eval_limit)] if setting.eval_limit else []
+            command = [sys.executable, "-m", "axolotl_blob.bayesianize", str(config), "--adapter", str(adapter), "--out", str(tfb_dir)]
+            seconds += run(command + anchors, directory / "tfb.log")
+        adapter = tfb_dir
+    flags = list(arm.flags)
+    training = TRAININGS[arm.training]
+    if training.held_out_split:
+        flags += ["--fit-temperature", str(truncated(splits(train_file(training))[1], setting.eval_limit))]
+    out = directory / f"eval-{arm_name}.json"
+    command = [sys.executable, "-m", "axolotl_blob.evaluate", str(config), "--adapter", str(adapter)]
+    seconds += run(command + ["--samples", str(arm.samples), "--json", str(out), *flags], directory / f"eval-{arm_name}.log")
+    return json.loads(out.read_text()), seconds
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def append_result(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def run_study(arms: list[str], seeds: list[int], setting: Setting) -> None:
+    done = {(row["arm"], row["seed"]) for row in read_results(setting.results)}
+    for seed, arm_name in itertools.product(seeds, arms):  # seed-major: a stopped study has whole seeds
+        if (arm_name, seed) in done:
+            print(f"skip {arm_name} seed {seed}: in {setting.results.name}")
+            continue
+        arm = ARMS[arm_name]
+        training = TRAININGS[arm.training]
+        directory, info = train(arm.training, training, seed, setting)
+        if training.scored_in_training:
+            metrics, eval_seconds = in_training_metrics(directory), 0.0
+        else:
+            metrics, eval_seconds = evaluate(arm_name, arm, directory, setting)
+        row = {
+            "arm": arm_name, "label": arm.label, "seed": seed, "training": arm.training, "samples": arm.samples,
+            "metrics": metrics, **info, "eval_seconds": round(eval_seconds, 1), "commit": commit(),
+            "overrides": {**training.overrides, **setting.extra},
+        }  # fmt: skip
+        append_result(setting.results, row)
+        print(f"{arm_name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in first_dataset(metrics).items() if k in METRICS))
+
+
+def search_points(grid: list[str]) -> list[dict]:
+    """Overrides per search run: the example config itself, then each knob value alone; or a full --grid."""
+    if grid:
+        axes = []
+        for spec in grid:
+            knob, values = spec.split("=", 1)
+            path = SEARCH_KNOBS[knob][0] if knob in SEARCH_KNOBS else knob
+            axes.append([(path, yaml.safe_load(v)) for v in values.split(",")])
+        return [{path: value for path, value in point} for point in itertools.product(*axes)]
+    return [{}] + [{path: value} for path, values in SEARCH_KNOBS.values() for value in values]
+
+
+def run_search(grid: list[str], seeds: list[int], setting: Setting) -> None:
+    done = {(json.dumps(row["knobs"], sort_keys=True), row["seed"]) for row in read_results(setting.results)}
+    for seed, point in itertools.product(seeds, search_points(grid)):
+        key = json.dumps(point, sort_keys=True)
+        if (key, seed) in done:
+            print(f"skip {key} seed {seed}")
+            continue
+        knobs = {}
+        for path, value in point.items():
+            knobs = set_path(knobs, path, value)
+        name = "search-" + ("-".join(f"{p.split('.')[-1]}={v}" for p, v in point.items()) or "example").replace("/", "_")
+        name = name.replace("[", "").replace("]", "").replace("'", "").replace(", ", "+")
+        directory, info = train(name, TRAININGS["blob_reference"], seed, setting, knobs)
+        metrics, eval_seconds = evaluate("held_out", ARMS["blob_reference"], directory, setting)
+        append_result(setting.results, {"knobs": point, "seed": seed, "metrics": metrics, **info, "eval_seconds": round(eval_seconds, 1), "commit": commit()})
+        print(f"{key} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in first_dataset(metrics).items() if k in METRICS))
+
+
+# --------------------------------------------------------------------------- table and figure
+
+
+def first_dataset(metrics: dict) -> dict:
+    """The in-distribution dataset's metrics: the one that carries OOD AUROCs, else the first listed."""
+    return next((m for m in metrics.values() if any(k.startswith("ood_auroc") for k in m)), next(iter(metrics.values())))
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summary(rows: list[dict]) -> list[tuple[str, int, dict[str, list[float]]]]:
+    """(label, seeds, {metric: values over seeds}) per arm, in the order of ARMS."""
+    by_arm: dict[str, list[dict]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], []).append(row)
+    table = []
+    for arm in [a for a in ARMS if a in by_arm] + [a for a in by_arm if a not in ARMS]:
+        metrics = [first_dataset(row["metrics"]) for row in by_arm[arm]]
+        keys = [k for k in (*METRICS, *sorted({k for m in metrics for k in m if k.startswith("ood_auroc")})) if all(k in m for m in metrics)]
+        table.append((by_arm[arm][0]["label"], len(metrics), {k: [m[k] for m in metrics] for k in keys}))
+    return table
+
+
+def markdown(rows: list[dict]) -> str:
+    table = summary(rows)
+    columns = list(dict.fromkeys(k for _, _, values in table for k in values))
+    lines = ["| arm | seeds | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
+    for label, seeds, values in table:
+        lines.append(f"| {label} | {seeds} | " + " | ".join(mean_sd(values[c]) if c in values else "" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary(rows)
+    panels = [m for m in ("acc", "ece", "nll") if all(m in values for _, _, values in table)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(table) + 1.5), sharey=True)
+    for ax, metric in zip(axes if len(panels) > 1 else [axes], panels):
+        means = [statistics.mean(values[metric]) for _, _, values in table]
+        errors = [statistics.stdev(values[metric]) if len(values[metric]) > 1 else 0.0 for _, _, values in table]
+        ax.barh(range(len(table)), means, xerr=errors, color="tab:blue", alpha=0.7, capsize=3)
+        ax.set_title(f"{metric} (mean ± sd over seeds)")
+        ax.invert_yaxis()
+    axes_list = axes if len(panels) > 1 else [axes]
+    axes_list[0].set_yticks(range(len(table)), [label for label, _, _ in table], fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(results: Path) -> None:
+    rows = read_results(results)
+    if not rows:
+        raise SystemExit(f"{results}: no finished runs yet")
+    if "knobs" in rows[0]:  # a search file: one line per knob setting, best held-out NLL first
+        grouped: dict[str, list[dict]] = {}
+        for row in rows:
+            grouped.setdefault(json.dumps(row["knobs"], sort_keys=True), []).append(first_dataset(row["metrics"]))
+        ranked = sorted(grouped.items(), key=lambda item: statistics.mean(m["nll"] for m in item[1]))
+        print("| knobs (on top of the example config) | seeds | " + " | ".join(METRICS) + " |")
+        print("| --- | --- |" + " --- |" * len(METRICS))
+        for knobs, metrics in ranked:
+            print(f"| `{knobs}` | {len(metrics)} | " + " | ".join(mean_sd([m[k] for m in metrics]) if all(k in m for m in metrics) else "" for k in METRICS) + " |")
+        return
+    text = markdown(rows)
+    print(text)
+    results.with_suffix(".md").write_text(text + "\n")
+    figure(rows, results.with_suffix(".png"))
+    print(f"wrote {results.with_suffix('.md')} and {results.with_suffix('.png')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("study", "search", "render"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="study: 1 2 3; search: 1")
+    parser.add_argument("--grid", nargs="*", default=[], metavar="KNOB=V1,V2", help=f"search: a full grid over knobs ({', '.join(SEARCH_KNOBS)} or a config path)")
+    parser.add_argument("--results", type=Path, default=None, help="the JSONL results file (default: bench/results/…)")
+    parser.add_argument("--smoke", action="store_true", help="3 training steps, 16 evaluation examples, results under outputs/")
+    args = parser.parse_args()
+    search = args.mode == "search"
+    results = args.results or (SEARCH_RESULTS if search else RESULTS)
+    setting = Setting(results=results, work=WORK / ("search" if search else "study"), search=search)
+    if args.smoke:
+        setting.work = WORK / "smoke"
+        setting.results = args.results or setting.work / f"{args.mode}.jsonl"
+        setting.extra = {"max_steps": 3, "warmup_steps": 1, "calibration": {"batch_size": 16}}
+        setting.eval_limit = 16
+    if args.mode == "render":
+        render(results)
+    elif search:
+        run_search(args.grid, args.seeds or [1], setting)
+    else:
+        run_study(args.arms, args.seeds or [1, 2, 3], setting)
+
+
+if __name__ == "__main__":
+    main()
