@@ -152,3 +152,12 @@ def test_bma_eval_loss_under_the_choice_likelihood_averages_k_way_probabilities(
         letters = torch.stack([model(input_ids=ids).logits[[0, 1], [4, 3]][:, label_ids].float() for _ in range(3)])
     expected = -torch.log(torch.softmax(letters, -1).mean(0)[[0, 1], [1, 2]]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("micro_batch, accumulation, world, expected", [(8, 1, 1, 131), (4, 2, 1, 131), (4, 1, 2, 131), (8, 1, 2, 65)])
+def test_rescaled_cycle_reads_examples_batch_and_world_from_the_trainer(micro_batch, accumulation, world, expected):
+    from axolotl_blob.blob.trainer import cycle_steps
+
+    args = SimpleNamespace(per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accumulation, world_size=world)
+    assert cycle_steps(BlobSettings(kl_cycle_steps="rescaled"), args, SimpleNamespace(dataset=[None] * 400)) == expected
+    assert cycle_steps(BlobSettings(kl_cycle_steps=7), args, None) == 7
