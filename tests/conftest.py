@@ -22,6 +22,17 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NO
 os.environ.update(OFFLINE_ENV)  # before anything imports axolotl: its telemetry reads these at import time
 
 
+@pytest.fixture(autouse=True)
+def isolated_environment():
+    """Each test starts from the suite's environment. Validating a config in-process (`load_cfg`) runs Axolotl's and
+    the plugin's set-up, which export `ACCELERATE_*` variables for the run about to start; left behind, they reach
+    every later test's subprocess (`ACCELERATE_USE_CPU=true` silently turns a later DeepSpeed run into plain DDP)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def corpus(n: int, seed: int = 0) -> list[str]:
     """Sentences with a learnable rule: each sentence repeats its first word at the end."""
     rng = random.Random(seed)
