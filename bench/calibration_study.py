@@ -88,7 +88,7 @@ ARMS = {
     "tfb": Arm("TFB on the LoRA (MLE) adapters, N = 10", "lora", 10, tfb=True),
 }
 SEARCH_KNOBS = {  # knob → (config path, values tried one at a time around the example config)
-    "kl_lr": ("blob.kl_lr", [0.002, 0.005, 0.02]),
+    "kl_lr": ("blob.kl_lr", [0.001, 0.005, 0.01]),  # the example has 0.002; 0.01 is the paper's
     "prior_std": ("blob.prior_std", [0.1, 0.15]),
     "init_std": ("blob.init_std", [0.02, 0.1]),
     "kl_cycle_steps": ("blob.kl_cycle_steps", ["rescaled"]),
