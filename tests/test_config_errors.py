@@ -5,6 +5,8 @@ Each row here is a row of the README's table of bad inputs.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -181,3 +183,77 @@ def test_valid_rank_scheduler_configs(tiny_model_dir, completion_data, tmp_path)
     assert validate(tmp_path, rank_base(tiny_model_dir, completion_data, tmp_path, **blob)).rank_scheduler["importance"] == "snr"
     ivon = {"optimizer": "ivon", "bf16": True, "rank_scheduler": {"importance": "snr_abs", "target_r": 2}}
     assert validate(tmp_path, rank_base(tiny_model_dir, completion_data, tmp_path, **ivon)).optimizer == "ivon"
+
+
+ZERO2 = {"zero_optimization": {"stage": 2}}
+FSDP2 = {"fsdp_version": 2, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
+BLOB_RANK = {"adapter": "blob", "rank_scheduler": {"importance": "snr", "target_r": 2}}
+ENGINE_BAD_INPUTS = [  # (case, base config, overrides, message naming the key and the fix); a dict under
+    # 'deepspeed' is written to ds.json and the config points at that file, as a user's does
+    ("blob with DeepSpeed optimizer section", "blob", {"deepspeed": {**ZERO2, "optimizer": {"type": "AdamW"}}},
+     r"adapter: blob with DeepSpeed config '.*ds\.json', which has an 'optimizer' section: DeepSpeed would replace "
+     r"the optimizer that takes BLoB's KL and σ steps; remove the section"),
+    ("blob with DeepSpeed scheduler section", "blob", {"deepspeed": {**ZERO2, "scheduler": {"type": "WarmupLR"}}},
+     r"adapter: blob with DeepSpeed config '.*ds\.json', which has a 'scheduler' section: .*remove the section and "
+     r"set lr_scheduler / warmup_steps instead"),
+    ("blob with optimizer offload", "blob",
+     {"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}},
+     r"offload_optimizer \(device 'cpu'\) makes DeepSpeed refuse any optimizer but its own CPU Adam, .*add "
+     r"'\"zero_force_ds_cpu_optimizer\": false' to the JSON \(top level\), or remove offload_optimizer"),
+    ("blob with ZeRO-3 not gathering on save", "blob", {"deepspeed": {"zero_optimization": {"stage": 3}}},
+     r"\(ZeRO-3\): set 'stage3_gather_16bit_weights_on_model_save: true' in zero_optimization; the adapter and the "
+     r"posterior of every checkpoint are written from that gathered state dict"),
+    ("blob with FSDP1", "blob", {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}},
+     r"adapter: blob with FSDP1: .*; set 'fsdp_version: 2'"),
+    ("blob with sharded FSDP2 checkpoints", "blob",
+     {"fsdp_version": 2, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}},
+     r"adapter: blob with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' \(now 'SHARDED_STATE_DICT'\)"),
+    ("blob with FSDP2 and no state dict type", "blob", {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+     r"adapter: blob with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' \(now None\)"),
+    ("ivon with DeepSpeed", "ivon", {"deepspeed": ZERO2},
+     r"optimizer: ivon cannot be combined with 'deepspeed': ZeRO hands the optimizer flat fp32 partitions .*; "
+     r"not built, use DDP"),
+    ("ivon with FSDP2", "ivon", FSDP2,
+     r"optimizer: ivon cannot be combined with 'fsdp_config': the sample m \+ σ⊙ε would have to be drawn on each "
+     r"DTensor shard .*; not built, use DDP"),
+    ("adalora with DeepSpeed", "adalora", {"deepspeed": ZERO2},
+     r"adapter: adalora cannot be combined with 'deepspeed': pruning edits weights in place, .*; use DDP"),
+    ("adalora with FSDP2", "adalora", FSDP2,
+     r"adapter: adalora cannot be combined with 'fsdp_config': pruning reads and edits whole, unsharded factors; use DDP"),
+    ("blob rank scheduling with DeepSpeed", "adalora", {**BLOB_RANK, "deepspeed": ZERO2},
+     r"rank_scheduler cannot be combined with 'deepspeed': pruning reads and masks whole factors .*; use DDP"),
+    ("blob rank scheduling with FSDP2", "adalora", {**BLOB_RANK, **FSDP2},
+     r"rank_scheduler cannot be combined with 'fsdp_config': pruning reads and masks whole, unsharded factors; use DDP"),
+]  # fmt: skip
+
+
+def engine_config(base: str, overrides: dict, tiny_model_dir, completion_data, tmp_path) -> dict:
+    """`base` ('blob', 'ivon' on adapter: lora, 'adalora') with `overrides`; a DeepSpeed dict goes to ds.json."""
+    overrides = dict(overrides)
+    if isinstance(overrides.get("deepspeed"), dict):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(overrides["deepspeed"]))
+        overrides["deepspeed"] = str(path)
+    if base == "ivon":
+        return ivon_base(tiny_model_dir, completion_data, tmp_path, **overrides)
+    if base == "adalora":
+        return rank_base(tiny_model_dir, completion_data, tmp_path, **overrides)
+    return {**base_config(tiny_model_dir, completion_data, tmp_path / "out"), **overrides}
+
+
+@pytest.mark.parametrize("case, base, overrides, message", ENGINE_BAD_INPUTS, ids=[row[0] for row in ENGINE_BAD_INPUTS])
+def test_engine_bad_inputs(case, base, overrides, message, tiny_model_dir, completion_data, tmp_path):
+    config = engine_config(base, overrides, tiny_model_dir, completion_data, tmp_path)
+    with pytest.raises(Exception, match=message):
+        validate(tmp_path, config)
+
+
+@pytest.mark.parametrize("fsdp_config", [
+    {"state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True},
+    {"fsdp_state_dict_type": "FULL_STATE_DICT"},  # the deprecated prefixed spelling, which Axolotl renames later
+], ids=["state_dict_type", "fsdp_-prefixed"])  # fmt: skip
+def test_blob_on_fsdp2_passes_axolotl_validation(fsdp_config, tiny_model_dir, completion_data, tmp_path):
+    config = base_config(tiny_model_dir, completion_data, tmp_path / "out", fsdp_version=2, fsdp_config=fsdp_config)
+    cfg = validate(tmp_path, config)
+    assert cfg.adapter == "blob" and cfg.fsdp_version == 2
+    assert cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT" and cfg.fsdp_config.fsdp_version == 2
