@@ -83,21 +83,8 @@ def fake_hub(tmp_path, monkeypatch) -> Path:
     return hf_home
 
 
-@pytest.fixture
-def process_state():
-    """Under `deepspeed:` load_cfg leaves accelerate's process state and transformers' DeepSpeed config set for the run
-    about to start; later tests in this process must not inherit them."""
-    yield
-    from accelerate.state import AcceleratorState, PartialState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    AcceleratorState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.mark.parametrize("path", GPU_EXAMPLES, ids=[path.stem for path in GPU_EXAMPLES])
-def test_gpu_example_config_validates_as_shipped(path, fake_hub, process_state, monkeypatch):
+def test_gpu_example_config_validates_as_shipped(path, fake_hub, monkeypatch):
     from axolotl.cli.config import load_cfg
 
     from axolotl_blob.args import check_blob_engine
