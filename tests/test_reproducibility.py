@@ -160,6 +160,16 @@ def test_another_seed_gives_another_initialisation(blob_runs, tiny_model_dir, co
 
 
 @pytest.mark.slow
+def test_calibration_observes_the_run_without_changing_it(blob_runs, tiny_model_dir, completion_data, tmp_path):
+    """The calibration at step 10 draws BLoB samples from the Trainer's generators; the steps after it, the checkpoint
+    at step 20 and its saved RNG state are those of a run without the calibration block."""
+    out = tmp_path / "out"
+    run_axolotl(blob_config(tiny_model_dir, completion_data, out, calibration=None), tmp_path)
+    assert not (out / "calibration").exists()
+    assert_identical_checkpoints(blob_runs[0], out, [*CHECKPOINT_FILES, "blob_posterior.safetensors"])
+
+
+@pytest.mark.slow
 def test_adalora_snr_with_ivon_same_seed_gives_bit_identical_runs(tiny_model_dir, completion_data, tmp_path_factory):
     first, second = train_twice(
         lambda out: adalora_ivon_config(tiny_model_dir, completion_data, out), tmp_path_factory, "adalora"

@@ -40,7 +40,11 @@ class CalibrationCallback(TrainerCallback):
         model = trainer.accelerator.unwrap_model(trainer.model)
         batches = trainer.get_eval_dataloader() if self.evaluator.settings.mode == "tokens" else None
         sampler = sampler_for(model, trainer.optimizer)
-        reports = self.evaluator.evaluate(model, trainer.processing_class, sampler, batches, autocast_for(trainer))
+        # The posterior draws come from the Trainer's seeded generators; forked, so that the training after this
+        # evaluation draws what it would have drawn without it (calibration observes the run, never changes it).
+        device = trainer.args.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            reports = self.evaluator.evaluate(model, trainer.processing_class, sampler, batches, autocast_for(trainer))
         self.last_step, self.last_reports = step, reports
         if trainer.is_world_process_zero():
             self.evaluator.save(reports, Path(trainer.args.output_dir) / "calibration", step)
