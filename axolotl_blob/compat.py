@@ -4,6 +4,8 @@
    gradient checkpointing only for adapter names `lora` / `qlora`. For `adapter: blob` and `adapter: adalora` the
    loader steps that do this run with the adapter name read as `lora` (`qlora` when loading in 4 bit), so both
    get exactly the LoRA treatment. Axolotl's fused LoRA kernels are *not* aliased: they bypass the layer forward.
+   Under FSDP, Axolotl's QLoRA placement (each rank loads its 4-bit base on its own GPU, no later move, no k-bit
+   preparation) hangs on one property, `is_qlora_and_fsdp_enabled`: it also holds for these adapters in 4 bit.
 2. Multi-process runs on CPU-only machines (torchrun, gloo). Axolotl 0.19 maps every rank to device index
    LOCAL_RANK, which there is no device at all: the model is loaded on the CPU instead.
 3. CPU-only machines need the Trainer told so, and Axolotl has no config key for it: without `use_cpu` the HF
@@ -139,3 +141,13 @@ def patch_model_loader() -> None:
         return run
 
     _wrap_once(ModelLoader, "_set_device_map_config", cpu_device_map)
+
+    qlora_and_fsdp = ModelLoader.is_qlora_and_fsdp_enabled.fget
+    if not getattr(qlora_and_fsdp, "_axolotl_blob_patched", False):
+
+        def qlora_like_and_fsdp(self) -> bool:
+            lora_like_in_4bit = self.cfg.adapter in LORA_LIKE_ADAPTERS and bool(self.cfg.load_in_4bit)
+            return qlora_and_fsdp(self) or (self.is_fsdp_enabled and lora_like_in_4bit)
+
+        qlora_like_and_fsdp._axolotl_blob_patched = True
+        ModelLoader.is_qlora_and_fsdp_enabled = property(functools.wraps(qlora_and_fsdp)(qlora_like_and_fsdp))

@@ -77,3 +77,22 @@ def test_loaded_but_unused_plugin_changes_nothing(tiny_model_dir, completion_dat
     assert setups["with"]["environment"] == setups["without"]["environment"]
     assert setups["with"]["trainer_cls"] == setups["without"]["trainer_cls"]
     assert setups["with"]["training_args"] == setups["without"]["training_args"]
+
+
+@pytest.mark.parametrize(
+    "adapter, load_in_4bit, fsdp, expected",
+    [("blob", True, True, True), ("adalora", True, True, True), ("qlora", True, True, True),
+     ("blob", False, True, False), ("blob", True, False, False), ("lora", False, True, False)],
+)  # fmt: skip
+def test_blob_in_4bit_under_fsdp_takes_axolotls_qlora_placement(adapter, load_in_4bit, fsdp, expected):
+    """The one property Axolotl's QLoRA + FSDP device placement reads, as Axolotl asks it of a loader."""
+    from axolotl.loaders.model import ModelLoader
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_blob.compat import patch_model_loader
+
+    patch_model_loader()
+    cfg = DictDefault(adapter=adapter, load_in_4bit=load_in_4bit, fsdp_config={"fsdp_version": 2} if fsdp else None)
+    loader = object.__new__(ModelLoader)
+    loader.cfg = cfg
+    assert loader.is_qlora_and_fsdp_enabled is expected
