@@ -123,13 +123,19 @@ def _deepspeed_config(value: Any) -> dict:
 
 
 def _fsdp_version(data: dict) -> int | None:
-    """FSDP's version as Axolotl resolves it (top-level `fsdp_version`, else `fsdp_config.fsdp_version`, else 1),
-    or None without FSDP."""
+    """FSDP's version as Axolotl resolves it (top-level `fsdp_version`, else `fsdp_config.fsdp_version`, else
+    Axolotl's default: 1 on 0.19, 2 from 0.21, which removed FSDP1), or None without FSDP."""
     fsdp_config = data.get("fsdp_config") or {}
     if not (data.get("fsdp") or fsdp_config):
         return None
     version = data.get("fsdp_version") or (fsdp_config.get("fsdp_version") if isinstance(fsdp_config, dict) else None)
-    return int(version or 1)
+    return int(version or _default_fsdp_version())
+
+
+def _default_fsdp_version() -> int:
+    import axolotl
+
+    return 2 if tuple(int(part) for part in axolotl.__version__.split(".")[:2]) >= (0, 21) else 1
 
 
 IVON_UNDER_FSDP = (
