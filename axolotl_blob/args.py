@@ -49,7 +49,7 @@ class BlobSettings(StrictBlock):
         "reweight", description="reweight: π_t = 2^j/(2^(K+1)−1) within cycles of K steps; uniform: π_t = 1/K"
     )
     kl_lr: float = Field(
-        0.01, ge=0, description="η_0 of BLoB's SGD step on π_t·KL (and on G's NLL gradient under sigma_update: reference); follows the LR schedule"
+        0.002, ge=0, description="η_0 of BLoB's SGD step on π_t·KL (and on G's NLL gradient under sigma_update: reference); follows the LR schedule"
     )
     sigma_update: Literal["reference", "optimizer"] = Field(
         "reference",
