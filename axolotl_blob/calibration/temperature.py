@@ -53,4 +53,4 @@ def fit_temperature(logits: torch.Tensor, answers: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
