@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 def rows(arm: str, values: list[float]) -> list[dict]:
     return [
         {"arm": arm, "label": study.ARMS[arm].label, "seed": seed,
-         "metrics": {"sarcasm": {"acc": v, "ece": v / 10, "nll": v / 2, "ood_auroc_by_mutual_info": 1 - v}, "aba": {"acc": 0.0}}}
+         "metrics": {"sarcasm": {"acc": v, "ece": v / 10, "nll": v / 2}, "aba": {"acc": 0.0, "ood_auroc_by_mutual_info": 1 - v}}}
         for seed, v in enumerate(values, start=1)
     ]  # fmt: skip
 
@@ -21,7 +21,7 @@ def rows(arm: str, values: list[float]) -> list[dict]:
 def test_table_is_mean_and_sd_over_seeds_of_the_in_distribution_dataset():
     text = study.markdown(rows("lora", [0.7, 0.8, 0.75]) + rows("blob_reference", [0.6]))
     header, _, lora, blob = text.splitlines()
-    assert header == "| arm | seeds | acc | ece | nll | ood_auroc_by_mutual_info |"
+    assert header == "| arm | seeds | acc | ece | nll | ood_auroc_by_mutual_info (aba) |"
     sd = statistics.stdev([0.7, 0.8, 0.75])
     assert lora == f"| LoRA (MLE) | 3 | 0.750 ± {sd:.3f} | 0.075 ± {sd / 10:.3f} | 0.375 ± {sd / 2:.3f} | 0.250 ± {sd:.3f} |"
     assert blob.startswith("| BLoB, reference σ update, N = 10 | 1 | 0.600 | 0.060 |")
