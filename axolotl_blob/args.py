@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from axolotl_blob.blob.model import missing_posterior_files
+from axolotl_blob.compat import axolotl_version
 from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, choice_count, read_examples
 from axolotl_blob.rank.budget import check_steps
 
@@ -129,13 +130,7 @@ def _fsdp_version(data: dict) -> int | None:
     if not (data.get("fsdp") or fsdp_config):
         return None
     version = data.get("fsdp_version") or (fsdp_config.get("fsdp_version") if isinstance(fsdp_config, dict) else None)
-    return int(version or _default_fsdp_version())
-
-
-def _default_fsdp_version() -> int:
-    import axolotl
-
-    return 2 if tuple(int(part) for part in axolotl.__version__.split(".")[:2]) >= (0, 21) else 1
+    return int(version or (2 if axolotl_version() >= (0, 21) else 1))
 
 
 IVON_UNDER_FSDP = (

@@ -64,6 +64,13 @@ def _wrap_once(owner: object, name: str, make: Callable[[Callable], Callable]) -
     setattr(owner, name, patched)
 
 
+def axolotl_version() -> tuple[int, ...]:
+    """Axolotl's (major, minor): where the supported releases (0.19, 0.21) behave differently."""
+    import axolotl
+
+    return tuple(int(part) for part in axolotl.__version__.split(".")[:2])
+
+
 def cpu_only() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 

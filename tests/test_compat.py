@@ -10,10 +10,11 @@ import pytest
 from safetensors.torch import load_file
 
 import axolotl
+from axolotl_blob.compat import axolotl_version
 from conftest import base_config, run_axolotl
 
 pytestmark = pytest.mark.slow
-AUTO_LOADS = tuple(int(p) for p in axolotl.__version__.split(".")[:2]) >= (0, 20)
+AUTO_LOADS = axolotl_version() >= (0, 20)
 SPELLINGS = ["axolotl_blob.BlobPlugin", "axolotl_blob.plugin.BlobPlugin", None]
 LORA_KEYS = {
     f"base_model.model.model.layers.{layer}.self_attn.{module}.lora_{factor}.weight"

@@ -261,10 +261,10 @@ def test_blob_on_fsdp2_passes_axolotl_validation(fsdp_config, tiny_model_dir, co
 
 def test_an_fsdp_config_without_a_version_is_read_as_axolotl_reads_it(tiny_model_dir, completion_data, tmp_path):
     """Axolotl 0.19 takes it for FSDP1 (refused, naming the fix); 0.21, which removed FSDP1, for FSDP2 (accepted)."""
-    import axolotl
+    from axolotl_blob.compat import axolotl_version
 
     config = base_config(tiny_model_dir, completion_data, tmp_path / "out", fsdp_config={"state_dict_type": "FULL_STATE_DICT"})
-    if tuple(int(part) for part in axolotl.__version__.split(".")[:2]) >= (0, 21):
+    if axolotl_version() >= (0, 21):
         assert validate(tmp_path, config).adapter == "blob"
     else:
         with pytest.raises(Exception, match=r"adapter: blob with FSDP1: .*; set 'fsdp_version: 2'"):
