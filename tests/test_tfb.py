@@ -86,14 +86,15 @@ def test_zero_singular_values_get_no_noise_and_keep_the_model_finite(tiny_model_
 
 
 def test_bisection_returns_the_largest_sigma_within_tolerance_on_a_monotone_change():
-    boundary, tolerance, low, high, steps = 0.0077, 0.003, 1e-3, 0.015, 5
+    boundary, tolerance, low, high, steps = 1.3e-4, 0.003, 1e-5, 0.015, 6
     change = lambda sigma: tolerance * (sigma / boundary) ** 2  # noqa: E731  (crosses the tolerance at `boundary`)
     result = largest_within_tolerance(change, low, high, tolerance, steps)
-    width = (high - low) / 2**steps
-    assert boundary - width <= result.sigma <= boundary and change(result.sigma) <= tolerance
+    factor = (high / low) ** (1 / 2**steps)  # geometric bisection: relative precision
+    assert boundary / factor <= result.sigma <= boundary and change(result.sigma) <= tolerance
     assert len(result.trace) == 1 + steps and result.trace[0][0] == high
+    assert result.trace[1][0] == pytest.approx((low * high) ** 0.5)
     assert result.sigma == max(s for s, c in result.trace if c <= tolerance)  # the largest σ seen to pass
-    assert largest_within_tolerance(change, low, 0.005, tolerance).sigma == 0.005  # the top passes: no search
+    assert largest_within_tolerance(change, low, 1e-4, tolerance).sigma == 1e-4  # the top passes: no search
     with pytest.raises(ValueError, match="even σ_q = 0.0001 changes the predictions"):
         largest_within_tolerance(lambda s: 1.0, 1e-4, 1e-2, tolerance)
 

@@ -9,14 +9,16 @@ there) changes nothing whatever its noise, so it gets Ω = 0 rather than σ_q / 
 σ_q is chosen without training: the largest one whose Bayesian model average changes the mean model's own
 predictions on an anchor set by at most a tolerance — the relative change of the NLL of the mean model's answers
 ŷ, or the fraction of answers that flip. The search is a bisection that assumes the change grows with σ_q; every
-evaluation reseeds the noise (common random numbers), so the measured change grows smoothly with σ_q.
+evaluation reseeds the noise (common random numbers), so the measured change grows smoothly with σ_q. It bisects
+geometrically: the σ_q that fits depends on the model's scale (1e-4 for SmolLM2-135M's sarcasm LoRA, ~1e-2 in the
+paper's LLaMA runs), so a bracket spanning decades is searched to the same relative precision everywhere.
 
 The posterior is stored as BLoB's (σ = G², so G = √Ω): the result is an ordinary BLoB adapter.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,7 +28,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from axolotl_blob.blob.model import blob_layers, module_key, unwrap_model
-from axolotl_blob.calibration.scoring import AutocastFactory, choice_probabilities
+from axolotl_blob.calibration.scoring import choice_probabilities
 from axolotl_blob.sampling import BlobSampler
 
 ChangeMetric = Literal["nll", "flip"]
@@ -76,8 +78,8 @@ def largest_within_tolerance(
     change: Callable[[float], float], low: float, high: float, tolerance: float, steps: int = 5
 ) -> BisectionResult:
     """The largest σ in [low, high] with change(σ) ≤ tolerance, for a change that grows with σ: `high` if it
-    passes; else `steps` bisections of [low, high], returning the largest σ seen to pass (to within
-    (high − low) / 2^steps of the true boundary). Raises if not even `low` passes."""
+    passes; else `steps` geometric bisections of [low, high] (at √(low·high)), returning the largest σ seen to pass
+    (within a factor (high / low)^(1/2^steps) of the true boundary). Raises if not even `low` passes."""
     if not 0 < low < high:
         raise ValueError(f"the σ_q search needs 0 < low < high, got low={low:g}, high={high:g}")
     result = BisectionResult(sigma=low)
@@ -92,7 +94,7 @@ def largest_within_tolerance(
         return result
     passed_low = False
     for _ in range(steps):
-        middle = (low + high) / 2
+        middle = math.sqrt(low * high)
         if passes(middle):
             low, passed_low = middle, True
         else:
@@ -117,8 +119,8 @@ def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric:
     return ((bma_nll - mean_nll).abs() / mean_nll.clamp(min=EPS)).item()
 
 
-def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, autocast) -> torch.Tensor:
-    batches = choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size, autocast)
+def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size) -> torch.Tensor:
+    batches = choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size)
     return torch.cat([probs for _, probs, _ in batches])
 
 
@@ -139,23 +141,23 @@ def bayesianize_tfb(
     n_samples: int = 10,
     metric: ChangeMetric = "nll",
     tolerance: float = 0.003,
-    sigma_range: tuple[float, float] = (1e-3, 0.015),
-    steps: int = 5,
+    sigma_range: tuple[float, float] = (1e-5, 0.015),
+    steps: int = 6,
     seed: int = 0,
     batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
 ) -> TfbResult:
     """TFB in place on a model whose LoRA layers already carry BLoB posteriors (`blob.model.bayesianize`):
-    re-parameterise, search σ_q on the multiple-choice `anchors`, and set the posterior to the σ_q found."""
+    re-parameterise, search σ_q on the multiple-choice `anchors`, and set the posterior to the σ_q found.
+    Give it an fp32 model: the tolerance is finer than bf16's rounding of the logits."""
     if n_samples < 1:
         raise ValueError(f"TFB's search averages posterior samples: n_samples must be >= 1, got {n_samples}")
     inverse_singular_values = svd_reparameterize(model)
-    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size, autocast)
+    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size)
 
     def change(sigma_q: float) -> float:
         set_noise_scale(model, inverse_singular_values, sigma_q)
         torch.manual_seed(seed)  # the same noise for every σ_q: the change grows with σ_q, not with luck
-        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, autocast)
+        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size)
         return prediction_change(mean_probs, bma_probs, metric)
 
     search = largest_within_tolerance(change, *sigma_range, tolerance=tolerance, steps=steps)
