@@ -62,6 +62,11 @@ class BlobSettings(StrictBlock):
         description="cycle length K in optimizer steps; 'rescaled': the reference's K = int(100·N^(π/8) / world_size / "
         "(micro_batch_size × gradient_accumulation_steps)); default: optimizer steps per epoch",
     )
+    noise: Literal["flipout", "rank_signs"] = Field(
+        "flipout",
+        description="how a layer samples A: flipout (the reference: input and output sign flips per token); "
+        "rank_signs: output signs only, the same per-token N(M, σ²) and uncorrelated tokens, at LoRA's cost",
+    )
     train_samples: int = Field(1, ge=1, description="posterior samples per training forward (NLL averaged)")
     eval_samples: int = Field(10, ge=0, description="posterior samples averaged at evaluation; 0 = posterior mean")
     init_missing_posterior: bool = Field(

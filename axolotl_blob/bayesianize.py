@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_adapter_model(cfg, args.adapter).to(device, torch.float32)  # see the module docstring
     settings = blob_settings(cfg)
     if next(blob_layers(model), None) is None:  # a BLoB input already has its layers; TFB replaces its σ
-        bayesianize(model, settings.init_std)
+        bayesianize(model, settings.init_std, noise=settings.noise)
     result = bayesianize_tfb(
         model, tokenizer, anchors, args.samples, args.metric, tolerance, (args.sigma_min, args.sigma_max),
         args.steps, seed, batch_size,

@@ -29,7 +29,8 @@ def load_adapter_model(cfg, adapter_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=cfg.torch_dtype or torch.float32)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     if not missing_posterior_files(adapter_dir):
-        bayesianize(model, read_posterior_spec(adapter_dir).init_std)
+        spec = read_posterior_spec(adapter_dir)
+        bayesianize(model, spec.init_std, noise=spec.noise)
         load_posterior(model, adapter_dir)
     return model
 

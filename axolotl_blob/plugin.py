@@ -210,7 +210,7 @@ class BlobPlugin(BasePlugin):
         if config_only:
             return None, lora_config
         settings = blob_settings(cfg)
-        count = bayesianize(model, settings.init_std)
+        count = bayesianize(model, settings.init_std, noise=settings.noise)
         if cfg.lora_model_dir and not missing_posterior_files(cfg.lora_model_dir):
             load_posterior(model, cfg.lora_model_dir)
             LOG.info(f"BLoB: restored the posterior of {count} layers from {cfg.lora_model_dir}")

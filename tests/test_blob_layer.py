@@ -43,9 +43,9 @@ def lora_model(seed: int = 0) -> nn.Module:
     return model
 
 
-def blob_model(seed: int = 0, init_std: float = 0.3) -> nn.Module:
+def blob_model(seed: int = 0, init_std: float = 0.3, noise: str = "flipout") -> nn.Module:
     model = lora_model(seed)
-    bayesianize(model, init_std=init_std)
+    bayesianize(model, init_std=init_std, noise=noise)
     return model
 
 
@@ -79,12 +79,13 @@ def test_initial_sigma_range():
         assert sigma.shape == layer.lora_A[adapter].weight.shape
 
 
-def test_flipout_mean_and_variance_match_the_analytic_ones():
+@pytest.mark.parametrize("noise", ["flipout", "rank_signs"])
+def test_noise_path_mean_and_variance_match_the_analytic_ones(noise):
     """One token, many draws: mean → N = 0 output; variance → s² Σ_k B_ik² Σ_j σ_kj² x_j² (per linear).
 
     Rows of one call share the Gaussian draw E and differ by their signs, so draws are pooled over many calls.
     """
-    model = blob_model(init_std=0.4)
+    model = blob_model(init_std=0.4, noise=noise)
     layer = model.base_model.model.q_proj
     x = torch.randn(1, D_IN)
     layer.eval()
@@ -101,6 +102,53 @@ def test_flipout_mean_and_variance_match_the_analytic_ones():
     standard_error = (analytic_variance / draws).sqrt()
     assert torch.all((empirical_mean - mean_output[0]).abs() < 5 * standard_error)
     torch.testing.assert_close(empirical_variance, analytic_variance.detach(), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("noise", ["flipout", "rank_signs"])
+def test_tokens_of_one_call_get_uncorrelated_perturbations(noise):
+    """Two identical tokens in one call share E: their perturbations must still be uncorrelated (covariance 0 per
+    output, within 5 standard errors of the sample covariance), and each keeps the full variance."""
+    model = blob_model(init_std=0.4, noise=noise)
+    layer = model.base_model.model.q_proj
+    x = torch.randn(1, D_IN)
+    layer.eval()
+    mean_output = layer(x)[0]
+    calls = 20_000
+    with posterior_sampling(model, enabled=True), torch.no_grad():
+        pairs = torch.stack([layer(x.expand(2, D_IN)) for _ in range(calls)]) - mean_output  # (calls, 2, D_OUT)
+    first, second = pairs[:, 0], pairs[:, 1]
+    covariance = (first * second).mean(0)
+    standard_error = (first.square() * second.square()).mean(0).sqrt() / calls**0.5
+    assert torch.all(covariance.abs() < 5 * standard_error)
+    torch.testing.assert_close(first.var(0), second.var(0), rtol=0.1, atol=0)
+
+
+def test_rank_signs_equal_a_per_token_weight_computation():
+    """rank_signs: token n computes s·B(M + diag(r_n) E)x_n with E = σ ⊙ ε; output and every gradient equal that
+    reference built from the same draws (ε first, then the signs)."""
+    model = blob_model(init_std=0.4, noise="rank_signs")
+    layer = model.base_model.model.q_proj
+    a, b, g = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.blob_G["default"]
+    x = torch.randn(5, D_IN)
+    with posterior_sampling(model, enabled=True):
+        torch.manual_seed(7)
+        out = layer(x)
+    grads = torch.autograd.grad(out.square().sum(), (a, b, g))
+    torch.manual_seed(7)
+    epsilon = torch.randn_like(g)
+    signs = torch.randint(0, 2, (5, RANK)).float().mul(2).sub(1)
+    noise = posterior_std(g) * epsilon
+    per_token_a = a + signs[:, :, None] * noise  # (tokens, r, d_in)
+    hidden = torch.einsum("nrd,nd->nr", per_token_a, x)
+    expected = layer.base_layer(x) + hidden @ b.T * layer.scaling["default"]
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (a, b, g))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_noise_path_is_refused():
+    with pytest.raises(ValueError, match="unknown BLoB noise path 'gaussian'"):
+        blob_model(noise="gaussian")
 
 
 def test_identical_tokens_get_different_perturbations():
@@ -232,3 +280,30 @@ def test_sampled_outputs_do_not_depend_on_the_attention_implementation(tiny_mode
         with posterior_sampling(model, enabled=True):
             outputs[implementation] = model(input_ids=ids).logits
     torch.testing.assert_close(outputs["eager"], outputs["sdpa"], rtol=1e-4, atol=1e-4)
+
+
+def test_the_noise_path_is_saved_with_the_posterior_and_restored_by_evaluate(tiny_model_dir, tmp_path):
+    """An adapter trained with rank_signs is evaluated with rank_signs (the same draws for the same seed); a
+    posterior config written before `noise` existed reads as Flipout."""
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_blob.blob.model import POSTERIOR_CONFIG_FILE, read_posterior_spec
+    from axolotl_blob.evaluate import load_adapter_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    bayesianize(model, init_std=0.3, noise="rank_signs")
+    model.save_pretrained(tmp_path)
+    save_posterior(model, tmp_path, PosteriorSpec(prior_std=0.2, init_std=0.3, noise="rank_signs"))
+    restored = load_adapter_model(DictDefault(base_model=str(tiny_model_dir)), tmp_path)
+    assert {layer.lora_variant[a].noise for _, layer, a in blob_layers(restored)} == {"rank_signs"}
+    ids = torch.randint(4, 100, (2, 9))
+    outputs = []
+    for candidate in (model, restored):
+        with torch.no_grad(), posterior_sampling(candidate, enabled=True):
+            torch.manual_seed(5)
+            outputs.append(candidate(input_ids=ids).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    (tmp_path / POSTERIOR_CONFIG_FILE).write_text('{"prior_std": 0.2, "init_std": 0.3, "sigma": "G**2"}')
+    assert read_posterior_spec(tmp_path).noise == "flipout"

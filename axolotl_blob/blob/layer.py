@@ -11,6 +11,7 @@ adapter file stays a plain LoRA adapter (the posterior mean); the posterior is s
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
 POSTERIOR_PARAM = "blob_G"
+NoisePath = Literal["flipout", "rank_signs"]
 
 
 def posterior_std(g: torch.Tensor) -> torch.Tensor:
@@ -55,16 +57,46 @@ def flipout_noise(x: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return F.linear(x * signs_in, noise.to(x.dtype)) * signs_out
 
 
+def rank_sign_noise(x: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x Eᵀ) ⊙ r_out with E = σ ⊙ ε: Flipout's output signs only.
+
+    Token n sees ΔA_n = diag(r_out,n) E: still an exact N(0, σ²) sample, and uncorrelated with every other token's
+    (E[r_out,n r_out,m] = 0), as with Flipout; what the input signs add is only a weaker dependence of higher order.
+    No input-wide random tensor is drawn or saved: one rank-r matmul on the input the mean path already holds, and
+    tokens × r signs — the physical limit of the noise path.
+    """
+    noise = std * torch.randn_like(std)
+    return F.linear(x, noise.to(x.dtype)) * rademacher(x.shape[:-1] + (std.shape[0],), x)
+
+
+NOISE_PATHS = {"flipout": flipout_noise, "rank_signs": rank_sign_noise}
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype, cast once: the mean and noise matmuls then share one low-precision copy (each would
+    otherwise cast, and save for backward, its own)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class BlobVariant(LoraVariant):
-    """LoRA with q(A) = N(M, σ²): mean path s·B(Mx) plus, when sampling, the Flipout noise path."""
+    """LoRA with q(A) = N(M, σ²): mean path s·B(Mx) plus, when sampling, a noise path (`noise`: Flipout, the
+    reference's, or its output signs only)."""
+
+    def __init__(self, noise: NoisePath = "flipout"):
+        if noise not in NOISE_PATHS:
+            raise ValueError(f"unknown BLoB noise path {noise!r}: expected one of {', '.join(NOISE_PATHS)}")
+        self.noise = noise
 
     @staticmethod
-    def init(module: LoraLayer, adapter_name: str, init_std: float = 0.05, **kwargs) -> None:
+    def init(module: LoraLayer, adapter_name: str, init_std: float = 0.05, noise: NoisePath = "flipout", **kwargs) -> None:
         if not hasattr(module, POSTERIOR_PARAM):
             module.blob_G = nn.ParameterDict()
             module.adapter_layer_names = module.adapter_layer_names + (POSTERIOR_PARAM,)
         module.blob_G[adapter_name] = init_posterior_factor(module.lora_A[adapter_name].weight, init_std)
-        module.lora_variant[adapter_name] = BlobVariant()
+        module.lora_variant[adapter_name] = BlobVariant(noise)
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -79,13 +111,15 @@ class BlobVariant(LoraVariant):
     def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         return orig_weight - module.get_delta_weight(active_adapter)
 
-    @staticmethod
     def forward(
-        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs
+        self, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs
     ) -> torch.Tensor:
         x = module.lora_dropout[active_adapter](x)
+        sampling = sampling_enabled(module)
+        if sampling:
+            x = autocast_input(x)
         hidden = module.lora_A[active_adapter](x)
-        if sampling_enabled(module):
+        if sampling:
             std = posterior_std(module.blob_G[active_adapter])
-            hidden = hidden + flipout_noise(x, std)
+            hidden = hidden + NOISE_PATHS[self.noise](x, std)
         return result + module.lora_B[active_adapter](hidden) * module.scaling[active_adapter]

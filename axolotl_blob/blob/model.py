@@ -18,7 +18,7 @@ from torch import nn
 
 from axolotl_blob.blob.adapter_file import keep_posterior_out_of_adapter_file
 from axolotl_blob.blob.kl import gaussian_kl
-from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, posterior_std
+from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, NoisePath, posterior_std
 from axolotl_blob.engines import gathered
 from axolotl_blob.io import save_tensors, write_json
 
@@ -33,6 +33,7 @@ class PosteriorSpec:
     prior_std: float
     init_std: float
     sigma: str = "G**2"
+    noise: NoisePath = "flipout"  # files written before the setting existed were trained with Flipout
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -48,8 +49,9 @@ def blob_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
                 yield name, module, adapter
 
 
-def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default") -> int:
-    """Give every LoRA linear layer of `adapter_name` a BLoB posterior over A; returns how many."""
+def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default", noise: NoisePath = "flipout") -> int:
+    """Give every LoRA linear layer of `adapter_name` a BLoB posterior over A, sampled by the `noise` path;
+    returns how many."""
     keep_posterior_out_of_adapter_file()
     count = 0
     for module in unwrap_model(model).modules():
@@ -58,7 +60,7 @@ def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default"
                 raise ValueError("adapter: blob cannot be combined with DoRA (peft_use_dora)")
             if adapter_name in module.lora_variant:
                 raise ValueError(f"LoRA layer already uses variant {type(module.lora_variant[adapter_name]).__name__}")
-            BlobVariant.init(module, adapter_name, init_std=init_std)
+            BlobVariant.init(module, adapter_name, init_std=init_std, noise=noise)
             module.blob_G[adapter_name].requires_grad_(module.lora_A[adapter_name].weight.requires_grad)
             count += 1
     if count == 0:

@@ -200,7 +200,7 @@ class BlobTrainerMixin:
 
 
 def posterior_spec(settings: BlobSettings) -> PosteriorSpec:
-    return PosteriorSpec(prior_std=settings.prior_std, init_std=settings.init_std)
+    return PosteriorSpec(prior_std=settings.prior_std, init_std=settings.init_std, noise=settings.noise)
 
 
 def blob_trainer_cls(base: type[Trainer], settings: BlobSettings) -> type[Trainer]:
