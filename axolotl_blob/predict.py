@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from axolotl_blob.calibration.metrics import entropy
-from axolotl_blob.calibration.scoring import AutocastFactory, choice_probabilities
+from axolotl_blob.calibration.scoring import AutocastFactory, ordered_choice_probabilities
 from axolotl_blob.multiple_choice import LABELS
 from axolotl_blob.sampling import PosteriorSampler
 
@@ -64,28 +64,27 @@ def predict(
     from tqdm.auto import tqdm
 
     with tqdm(total=len(questions), unit="question", disable=not progress, file=sys.stderr) as bar:
-        for batch, probs, draw_entropy in choice_probabilities(
-            model, tokenizer, questions, sampler, n_samples, batch_size, autocast
-        ):
-            predictive_entropy = entropy(probs)
-            mutual_info = predictive_entropy - draw_entropy if draw_entropy is not None else torch.zeros(len(batch))
-            for row, question in enumerate(batch):
-                own = probs[row, : len(question["choices"])]
-                probability, predicted = own.max(-1)
-                answer = question.get("answer")
-                yield Prediction(
-                    id=question.get("id"),
-                    predicted=int(predicted),
-                    predicted_label=LABELS[int(predicted)],
-                    predicted_text=question["choices"][int(predicted)],
-                    probability=probability.item(),
-                    probabilities=own.tolist(),
-                    entropy=predictive_entropy[row].item(),
-                    mutual_info=max(mutual_info[row].item(), 0.0),  # ≥ 0 in exact arithmetic
-                    abstained=abstain_below is not None and probability.item() < abstain_below,
-                    correct=None if answer is None else int(predicted) == answer,
-                )
-            bar.update(len(batch))
+        probs, draw_entropy = ordered_choice_probabilities(
+            model, tokenizer, questions, sampler, n_samples, batch_size, autocast, on_batch=bar.update
+        )
+    predictive_entropy = entropy(probs)
+    mutual_info = predictive_entropy - draw_entropy if draw_entropy is not None else torch.zeros(len(questions))
+    for row, question in enumerate(questions):
+        own = probs[row, : len(question["choices"])]
+        probability, predicted = own.max(-1)
+        answer = question.get("answer")
+        yield Prediction(
+            id=question.get("id"),
+            predicted=int(predicted),
+            predicted_label=LABELS[int(predicted)],
+            predicted_text=question["choices"][int(predicted)],
+            probability=probability.item(),
+            probabilities=own.tolist(),
+            entropy=predictive_entropy[row].item(),
+            mutual_info=max(mutual_info[row].item(), 0.0),  # ≥ 0 in exact arithmetic
+            abstained=abstain_below is not None and probability.item() < abstain_below,
+            correct=None if answer is None else int(predicted) == answer,
+        )
 
 
 def _summary(predictions: list[Prediction], n_samples: int) -> str:

@@ -28,7 +28,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from axolotl_blob.blob.model import blob_layers, module_key, unwrap_model
-from axolotl_blob.calibration.scoring import choice_probabilities
+from axolotl_blob.calibration.scoring import ordered_choice_probabilities
 from axolotl_blob.sampling import BlobSampler
 
 ChangeMetric = Literal["nll", "flip"]
@@ -120,8 +120,7 @@ def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric:
 
 
 def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size) -> torch.Tensor:
-    batches = choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size)
-    return torch.cat([probs for _, probs, _ in batches])
+    return ordered_choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size)[0]
 
 
 @dataclass

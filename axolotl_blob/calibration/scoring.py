@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from axolotl_blob.blob.model import unwrap_model
 from axolotl_blob.calibration.metrics import CalibrationState, entropy
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids
 from axolotl_blob.sampling import PosteriorSampler
@@ -51,23 +52,50 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 def synchronize_state(state: CalibrationState) -> CalibrationState:
-    """The global state on every process: sums all-reduced, records gathered and put in index order."""
+    """The global state on every process: sums all-reduced, records gathered and put in index order (which
+    length-sorted batches also need on one process)."""
+    records = state.records
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flat = state.as_tensor().to(_collective_device())
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         state.load_tensor(flat)
         records = gather_rows(state.records)
-        state.records = records[torch.argsort(records[:, 0], stable=True)]
+    state.records = records[torch.argsort(records[:, 0], stable=True)]
     return state
-
-
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def answer_position_logits(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Inside: the output projection sees only each row's hidden state at `positions` (the logits come out
+    (batch, 1, vocabulary)), not every position's: for SmolLM2 a 49 152-wide projection per token saved. A forward
+    pre-hook on the model's own output layer, so whatever the model does after it (soft-capping, scaling) still
+    applies; a model without one scores every position as before."""
+    head = unwrap_model(model).get_output_embeddings()
+    if head is None:
+        yield
+        return
+    rows = torch.arange(len(positions), device=positions.device)
+
+    def select(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0]
+        return (hidden[rows.to(hidden.device), positions.to(hidden.device)].unsqueeze(1), *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def length_sorted_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Positions grouped into batches of `size` by prompt length (stable), so a batch pads to little more than
+    its own prompts' length."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 @torch.no_grad()
@@ -79,38 +107,68 @@ def choice_probabilities(
     n_samples: int,
     batch_size: int = 8,
     autocast: AutocastFactory = contextlib.nullcontext,
-) -> Iterator[tuple[Sequence[dict], torch.Tensor, torch.Tensor | None]]:
-    """Per batch of multiple-choice `examples` (dicts with question and choices): the batch, the (batch, K)
-    posterior-averaged probabilities over the choice labels (0 beyond an example's own choices, fp64), and the
-    mean over draws of each draw's entropy H(p_n) (None for a single pass)."""
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """Per batch of multiple-choice `examples` (dicts with question and choices): the positions of its examples in
+    `examples` (batches hold prompts of similar length), the (batch, K) posterior-averaged probabilities over the
+    choice labels (0 beyond an example's own choices, fp64), and the mean over draws of each draw's entropy
+    H(p_n) (None for a single pass)."""
     if not examples:  # a rank with no shard of a tiny dataset
         return
     max_choices = max(len(example["choices"]) for example in examples)
     label_ids = torch.tensor(label_token_ids(tokenizer, max_choices))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
+    prompts = [prompt_token_ids(tokenizer, format_prompt(e["question"], e["choices"])) for e in examples]
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(list(examples), batch_size):
-            prompts = [prompt_token_ids(tokenizer, format_prompt(e["question"], e["choices"])) for e in batch]
-            lengths = torch.tensor([len(p) for p in prompts])
-            input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
-            for row, prompt in enumerate(prompts):  # right padding keeps every prompt's positions unchanged
-                input_ids[row, : len(prompt)] = torch.tensor(prompt)
+        for positions in length_sorted_batches([len(p) for p in prompts], batch_size):
+            lengths = torch.tensor([len(prompts[i]) for i in positions])
+            input_ids = torch.full((len(positions), int(lengths.max())), pad_id, dtype=torch.long)
+            for row, i in enumerate(positions):  # right padding keeps every prompt's positions unchanged
+                input_ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
             attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-            valid = torch.arange(max_choices)[None, :] < torch.tensor([len(e["choices"]) for e in batch])[:, None]
+            n_choices = torch.tensor([len(examples[i]["choices"]) for i in positions])
+            valid = torch.arange(max_choices)[None, :] < n_choices[:, None]
+            last_positions = (lengths - 1).to(device)
             draws = []
             for _ in sampler.draws(n_samples):
-                with autocast():
+                with autocast(), answer_position_logits(model, last_positions):
                     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                last = logits[torch.arange(len(batch)), (lengths - 1).to(device)].float().cpu()
-                choice_logits = last[:, label_ids].masked_fill(~valid, float("-inf"))
+                rows = torch.arange(len(positions), device=logits.device)
+                last = logits[:, 0] if logits.shape[1] == 1 else logits[rows, last_positions.to(logits.device)]
+                choice_logits = last.float().cpu()[:, label_ids].masked_fill(~valid, float("-inf"))
                 draws.append(torch.softmax(choice_logits.double(), dim=-1))
             stacked = torch.stack(draws)
-            yield batch, stacked.mean(0), entropy(stacked).mean(0) if len(draws) > 1 else None
+            yield positions, stacked.mean(0), entropy(stacked).mean(0) if len(draws) > 1 else None
     finally:
         model.train(was_training)
+
+
+def ordered_choice_probabilities(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    sampler: PosteriorSampler,
+    n_samples: int,
+    batch_size: int = 8,
+    autocast: AutocastFactory = contextlib.nullcontext,
+    on_batch: Callable[[int], object] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`choice_probabilities` of all `examples`, in their order: (n, K) probabilities and (n,) mean draw
+    entropies (None for a single pass); `on_batch(count)` after each batch (a progress bar)."""
+    probs = torch.zeros(len(examples), max((len(e["choices"]) for e in examples), default=0), dtype=torch.float64)
+    draw_entropy = None
+    for positions, batch_probs, batch_entropy in choice_probabilities(
+        model, tokenizer, examples, sampler, n_samples, batch_size, autocast
+    ):
+        probs[positions] = batch_probs
+        if batch_entropy is not None:
+            draw_entropy = torch.zeros(len(examples), dtype=torch.float64) if draw_entropy is None else draw_entropy
+            draw_entropy[positions] = batch_entropy
+        if on_batch is not None:
+            on_batch(len(positions))
+    return probs, draw_entropy
 
 
 def score_choices(
@@ -126,13 +184,12 @@ def score_choices(
     """Calibration state of multiple-choice `examples` (dicts with question, choices, answer)."""
     rank, world = _rank_and_world()
     state = CalibrationState(n_bins)
-    scored = 0
-    for batch, probs, draw_entropy in choice_probabilities(
-        model, tokenizer, examples[rank::world], sampler, n_samples, batch_size, autocast
+    shard = examples[rank::world]
+    for positions, probs, draw_entropy in choice_probabilities(
+        model, tokenizer, shard, sampler, n_samples, batch_size, autocast
     ):
-        indices = rank + world * torch.arange(scored, scored + len(batch))  # position in `examples`
-        scored += len(batch)
-        state.update(probs, torch.tensor([e["answer"] for e in batch]), draw_entropy, indices)
+        indices = rank + world * torch.tensor(positions)  # position in `examples`
+        state.update(probs, torch.tensor([shard[i]["answer"] for i in positions]), draw_entropy, indices)
     return synchronize_state(state)
 
 

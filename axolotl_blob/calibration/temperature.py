@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from axolotl_blob.calibration.scoring import AutocastFactory, choice_probabilities
+from axolotl_blob.calibration.scoring import AutocastFactory, ordered_choice_probabilities
 from axolotl_blob.sampling import DeterministicSampler
 
 
@@ -35,8 +35,7 @@ def choice_log_probs(
     """(n, K) log-softmax over the answer letters (−inf beyond a question's choices), one pass, no sampling: the
     prompts and positions of the calibration block's `choices` scoring. They equal the letters' logits up to a
     constant per question, which softmax(· / T) ignores."""
-    batches = choice_probabilities(model, tokenizer, examples, DeterministicSampler(), 0, batch_size, autocast)
-    return torch.cat([probs for _, probs, _ in batches]).log()
+    return ordered_choice_probabilities(model, tokenizer, examples, DeterministicSampler(), 0, batch_size, autocast)[0].log()
 
 
 def fit_temperature(logits: torch.Tensor, answers: torch.Tensor) -> float:
