@@ -116,6 +116,54 @@ def test_matches_the_reference_package_given_the_same_noise(samples):
     torch.testing.assert_close(momentum, ref_opt.param_groups[0]["momentum"], rtol=1e-5, atol=1e-7)
 
 
+def docstring_ivon(params, grad_fn, noise_draws, *, lr, ess, hess_init, beta1, beta2, weight_decay, clip_radius):
+    """The module docstring's update written out per tensor, operation by operation, as IVON computed it before
+    the multi-tensor rewrite (ε fixed, one MC sample per step, rescale_lr)."""
+    means = [p.detach().clone() for p in params]
+    momenta = [torch.zeros_like(m) for m in means]
+    hesses = [torch.full_like(m, hess_init) for m in means]
+    for t, draw in enumerate(noise_draws, start=1):
+        sigmas = [1 / torch.sqrt(ess * (h + weight_decay)) for h in hesses]
+        eps = [torch.as_tensor(e, dtype=torch.float32).reshape(m.shape) for e, m in zip(draw, means)]
+        grads = grad_fn([m + s * e for m, s, e in zip(means, sigmas, eps)])
+        for i, (g, e, s) in enumerate(zip(grads, eps, sigmas)):
+            price = g * e / s
+            momenta[i] = beta1 * momenta[i] + (1 - beta1) * g
+            h = hesses[i]
+            hesses[i] = beta2 * h + (1 - beta2) * price + 0.5 * (1 - beta2) ** 2 * (h - price) ** 2 / (h + weight_decay)
+            direction = (momenta[i] / (1 - beta1**t) + weight_decay * means[i]) / (hesses[i] + weight_decay)
+            means[i] = means[i] - lr * (hess_init + weight_decay) * direction.clamp(-clip_radius, clip_radius)
+    return means, momenta, hesses
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_multi_tensor_update_equals_the_formulas_step_by_step(weight_decay, foreach):
+    """Eight steps of a least-squares loss on two tensors with a fixed noise sequence: parameters, ḡ and h equal
+    the per-tensor formulas to fp32 rounding; clipping is active in the first steps."""
+    generator = torch.Generator().manual_seed(3)
+    targets = [torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)]
+    draws = [[torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)] for _ in range(8)]
+    kwargs = dict(lr=0.2, ess=30.0, hess_init=0.4, beta1=0.9, beta2=0.95, weight_decay=weight_decay, clip_radius=0.5)
+
+    def grad_fn(thetas):
+        return [2 * (theta - target) for theta, target in zip(thetas, targets)]
+
+    params = [nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.ones(5))]
+    expected = docstring_ivon(params, grad_fn, draws, **kwargs)
+    opt = IVON(params, foreach=foreach, **kwargs)
+    opt._draw_noise = fixed_noise(*draws)
+    for _ in draws:
+        with opt.sampled_params(train=True):
+            for p, g in zip(params, grad_fn([p.detach() for p in params])):
+                p.grad = g
+        opt.step()
+    for p, mean, momentum, hess in zip(params, *expected):
+        torch.testing.assert_close(p.detach(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["momentum"], momentum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["hess"], hess, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------- 3. conjugate BLR
 
 

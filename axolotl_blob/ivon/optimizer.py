@@ -21,7 +21,7 @@ Usage (the reference ``ivon-opt`` loop runs unchanged)::
 How a sample's gradient is consumed
 -----------------------------------
 ``sampled_params(train=True)`` draws ε, puts θ = m + σ ⊙ ε into the parameters, and on exit puts the mean m back.
-It does NOT read the gradients: the sample stays *pending*, its ε kept in ``state[p]["noise"]``. The forward AND
+It does NOT read the gradients: the sample stays *pending*, its ε / σ kept in ``state[p]["scaled_noise"]``. The forward AND
 the backward must run inside the context (a backward after exit usually fails, autograd seeing a saved parameter
 modified in place; where no parameter was saved, it silently gives the gradient at the mean). The pending
 sample's gradient is the ``p.grad`` found at the first of:
@@ -74,7 +74,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_value
+from torch.optim.optimizer import Optimizer, ParamsT, _get_value
 
 GradReduction = Literal["mean", "sum"]
 
@@ -104,7 +104,9 @@ class IVON(Optimizer):
         rescale_lr: use α' = α (h0 + δ) instead of α.
         grad_reduction: ``"mean"`` or ``"sum"`` over the samples folded into one step (module docstring).
         seed: seed of the noise generators; the same on every rank.
-        foreach: use the multi-tensor (``torch._foreach_*``) update; None picks it on accelerators.
+        foreach: the update multi-tensor (``torch._foreach_*``, the default: fewer passes, one dispatch per op)
+            or one tensor at a time (``False``: the same numbers, the temporaries of one tensor at a time). Sampling
+            and the Hessian estimate are multi-tensor either way.
     """
 
     def __init__(
@@ -265,40 +267,48 @@ class IVON(Optimizer):
             self._restore_means()
 
     def _draw_noise(self, params: list[Tensor], generator: torch.Generator) -> list[Tensor]:
-        """ε ~ N(0, I) for each parameter of a group, in order: fp32, on the generator's device."""
-        return [torch.randn(p.shape, generator=generator, device=generator.device) for p in params]
+        """ε ~ N(0, I) for the parameters of a group: one fp32 draw over the flattened group (as the reference),
+        on the generator's device, split into one view per parameter in order."""
+        flat = torch.randn(sum(p.numel() for p in params), generator=generator, device=generator.device)
+        return [chunk.view(p.shape) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
 
     @torch.no_grad()
     def _perturb(self, train: bool, generator: torch.Generator) -> None:
         saved: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
-            scale = group["ess"]
-            for p, eps in zip(group["params"], self._draw_noise(group["params"], generator), strict=True):
-                state = self._state(p, group)
-                eps = eps.to(device=p.device, dtype=state["hess"].dtype)
-                noise = eps / (state["hess"] + group["weight_decay"]).mul_(scale).sqrt_()  # σ ⊙ ε
-                if "mean" in state:
-                    p.copy_(state["mean"] + noise)
-                else:
-                    saved[p] = p.detach().clone()
-                    p.add_(noise)
-                if train:
-                    state["noise"] = eps
+            params = group["params"]
+            states = [self._state(p, group) for p in params]
+            draws = self._draw_noise(params, generator)
+            epsilons = [eps.to(device=p.device, dtype=state["hess"].dtype) for p, eps, state in zip(params, draws, states, strict=True)]
+            inverse_std = _inverse_std([state["hess"] for state in states], group)
+            noises = torch._foreach_div(epsilons, inverse_std)  # σ ⊙ ε
+            mastered = [i for i, state in enumerate(states) if "mean" in state]
+            plain = [i for i, state in enumerate(states) if "mean" not in state]
+            if mastered:
+                sampled = torch._foreach_add([states[i]["mean"] for i in mastered], [noises[i] for i in mastered])
+                torch._foreach_copy_([params[i] for i in mastered], sampled)
+            if plain:
+                plain_params = [params[i] for i in plain]
+                saved.update(zip(plain_params, torch._foreach_mul(plain_params, 1.0)))  # exact copies of m
+                torch._foreach_add_(plain_params, [noises[i] for i in plain])
+            if train:  # ĥ = g ⊙ ε / σ needs ε / σ: h does not move before the step that reads it
+                for state, scaled in zip(states, torch._foreach_mul(epsilons, inverse_std)):
+                    state["scaled_noise"] = scaled
         self._sampling = saved
 
     @torch.no_grad()
     def _restore_means(self) -> None:
         assert self._sampling is not None
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                p.copy_(state["mean"] if "mean" in state else self._sampling[p])
+        params = [p for group in self.param_groups for p in group["params"]]
+        means = [self.state[p]["mean"] if "mean" in self.state[p] else self._sampling[p] for p in params]
+        if params:
+            torch._foreach_copy_(params, means)
         self._sampling = None
 
     def _drop_noise(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p].pop("noise", None)
+                self.state[p].pop("scaled_noise", None)
 
     def _state(self, p: Tensor, group: dict) -> dict:
         """The parameter's state, created on first use."""
@@ -335,53 +345,63 @@ class IVON(Optimizer):
             self._fold(clear_grads=False)
         super().zero_grad(set_to_none=set_to_none)
 
+    def _pending_samples(self, group: dict, copy: bool) -> tuple[list[Tensor], list[dict], list[Tensor], list[Tensor]]:
+        """(params, states, g, ĥ = g ⊙ ε / σ) of the group's parameters whose pending sample has a gradient, the
+        ε / σ taken out of the state; g in the state dtype (a copy with `copy`, else possibly p.grad itself)."""
+        params, states, grads, noises = [], [], [], []
+        for p in group["params"]:
+            state = self.state[p]
+            noise = state.pop("scaled_noise", None)
+            if noise is not None and p.grad is not None:
+                params.append(p)
+                states.append(state)
+                grads.append(p.grad.to(noise.dtype, copy=copy))
+                noises.append(noise)
+        return params, states, grads, torch._foreach_mul(grads, noises) if params else []
+
     @torch.no_grad()
     def _fold(self, clear_grads: bool, set_to_none: bool = True) -> None:
         for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                noise = state.pop("noise", None)
-                if noise is not None and p.grad is not None:
-                    grad = p.grad.to(noise.dtype, copy=True)
-                    price = self._price(grad, noise, state["hess"], group)
-                    if "grad_sum" in state:
-                        state["grad_sum"].add_(grad)
-                        state["price_sum"].add_(price)
-                        state["num_samples"] += 1
-                    else:
-                        state["grad_sum"], state["price_sum"], state["num_samples"] = grad, price, 1
-                if clear_grads and p.grad is not None:
-                    if set_to_none:
-                        p.grad = None
-                    else:
-                        p.grad.zero_()
+            for state, grad, price in zip(*self._pending_samples(group, copy=True)[1:]):
+                if "grad_sum" in state:
+                    state["grad_sum"].add_(grad)
+                    state["price_sum"].add_(price)
+                    state["num_samples"] += 1
+                else:
+                    state["grad_sum"], state["price_sum"], state["num_samples"] = grad, price, 1
+            if clear_grads:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        if set_to_none:
+                            p.grad = None
+                        else:
+                            p.grad.zero_()
         self._pending = False
 
-    @staticmethod
-    def _price(grad: Tensor, eps: Tensor, hess: Tensor, group: dict) -> Tensor:
-        """g ⊙ ε / σ = g ⊙ ε ⊙ sqrt(ess (h + δ))."""
-        return grad * eps * (hess + group["weight_decay"]).mul_(group["ess"]).sqrt_()
-
-    def _estimates(self, p: Tensor, group: dict) -> tuple[Tensor, Tensor] | None:
-        """(ĝ, ĥ) for this step from the folded samples and a pending one, or None if there is no gradient."""
-        state = self.state[p]
-        noise = state.pop("noise", None) if self._pending else None
-        pending_grad = p.grad if noise is not None else None
-        if "grad_sum" not in state:
-            if pending_grad is None:
-                return None
-            grad = pending_grad.to(noise.dtype)  # read only: may alias p.grad
-            return grad, self._price(grad, noise, state["hess"], group)
-        grad_sum, price_sum, count = state.pop("grad_sum"), state.pop("price_sum"), state.pop("num_samples")
-        if pending_grad is not None:
-            grad = pending_grad.to(noise.dtype)
-            grad_sum.add_(grad)
-            price_sum.add_(self._price(grad, noise, state["hess"], group))
-            count += 1
-        if self.grad_reduction == "mean" and count > 1:
-            grad_sum.div_(count)
-            price_sum.div_(count)
-        return grad_sum, price_sum
+    def _estimates(self, group: dict) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(param, ĝ, ĥ) for this step from the folded samples and a pending one, for each parameter of the group
+        that has a gradient, in group order."""
+        pending: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        if self._pending:
+            params, _, grads, prices = self._pending_samples(group, copy=False)  # g read only: may alias p.grad
+            pending = dict(zip(params, zip(grads, prices)))
+        estimates = []
+        for p in group["params"]:
+            state = self.state[p]
+            if "grad_sum" not in state:
+                if p in pending:
+                    estimates.append((p, *pending[p]))
+                continue
+            grad_sum, price_sum, count = state.pop("grad_sum"), state.pop("price_sum"), state.pop("num_samples")
+            if p in pending:
+                grad_sum.add_(pending[p][0])
+                price_sum.add_(pending[p][1])
+                count += 1
+            if self.grad_reduction == "mean" and count > 1:
+                grad_sum.div_(count)
+                price_sum.div_(count)
+            estimates.append((p, grad_sum, price_sum))
+        return estimates
 
     # ---------------------------------------------------------------- step
 
@@ -409,15 +429,12 @@ class IVON(Optimizer):
 
         for group in self.param_groups:
             params, means, grads, prices, momenta, hesses, steps = [], [], [], [], [], [], []
-            for p in group["params"]:
-                estimates = self._estimates(p, group)
-                if estimates is None:
-                    continue
+            for p, grad, price in self._estimates(group):
                 state = self.state[p]
                 params.append(p)
                 means.append(state.get("mean", p))
-                grads.append(estimates[0])
-                prices.append(estimates[1])
+                grads.append(grad)
+                prices.append(price)
                 momenta.append(state["momentum"])
                 hesses.append(state["hess"])
                 steps.append(state["step"])
@@ -425,9 +442,7 @@ class IVON(Optimizer):
                 continue
             if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 grads, prices = _all_reduce_mean(grads), _all_reduce_mean(prices)
-            foreach = group["foreach"]
-            if foreach is None:
-                _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+            foreach = group["foreach"] is not False  # measured faster on CPU too (README, Benchmarks)
             lr = _get_value(group["lr"])
             ivon_update(
                 means,
@@ -484,6 +499,14 @@ class IVON(Optimizer):
             self._num_samples = int(extra["num_samples"])
 
 
+def _inverse_std(hesses: list[Tensor], group: dict) -> list[Tensor]:
+    """1/σ = sqrt(ess (h + δ)) per tensor, multi-tensor."""
+    inverse = torch._foreach_add(hesses, group["weight_decay"]) if group["weight_decay"] else torch._foreach_mul(hesses, 1.0)
+    torch._foreach_mul_(inverse, group["ess"])
+    torch._foreach_sqrt_(inverse)
+    return inverse
+
+
 def _all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
     world_size = dist.get_world_size()
     out = []
@@ -531,42 +554,43 @@ def ivon_update(
 def _single_tensor_ivon(
     means, grads, prices, momenta, hesses, steps, *, lr, beta1, beta2, weight_decay, clip_radius, debias
 ):
-    keep_positive = 0.5 * (1.0 - beta2) ** 2
-    for mean, grad, price, momentum, hess, step in zip(means, grads, prices, momenta, hesses, steps, strict=True):
-        step += 1
-        momentum.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        gap = hess - price
-        gap.mul_(gap).div_(hess + weight_decay).mul_(keep_positive)  # ½(1−β2)²(h − ĥ)²/(h + δ), old h
-        hess.mul_(beta2).add_(price, alpha=1.0 - beta2).add_(gap)
-        bias = 1.0 - beta1 ** _get_value(step) if debias else 1.0
-        direction = momentum.div(bias).add_(mean, alpha=weight_decay).div_(hess + weight_decay)
-        if math.isfinite(clip_radius):
-            direction.clamp_(-clip_radius, clip_radius)
-        mean.add_(direction, alpha=-lr)
+    """One tensor at a time: the multi-tensor update on single-tensor lists (the same numbers bit for bit, with the
+    temporaries of one tensor alive at a time rather than of all)."""
+    for tensors in zip(means, grads, prices, momenta, hesses, steps, strict=True):
+        _multi_tensor_ivon(
+            *([t] for t in tensors), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+            clip_radius=clip_radius, debias=debias,
+        )  # fmt: skip
 
 
 def _multi_tensor_ivon(
     means, grads, prices, momenta, hesses, steps, *, lr, beta1, beta2, weight_decay, clip_radius, debias
 ):
+    """In as few passes over the state as the algebra allows (each pass reads and writes every tensor):
+    ḡ by lerp; h ← h − (1 − β2)(h − ĥ) + ½(1 − β2)² (h − ĥ)² / (h + δ); and the bias 1 − β1^t folded into the
+    clip radius and the step size, clip(ḡ / (b (h + δ)) + …, ±c) = clip((ḡ + b δ m) / (h + δ), ±c b) / b."""
     keep_positive = 0.5 * (1.0 - beta2) ** 2
     grouped = Optimizer._group_tensors_by_device_and_dtype([means, grads, prices, momenta, hesses, steps])
     for (means_, grads_, prices_, momenta_, hesses_, steps_), _ in grouped.values():
         for step in steps_:  # CPU scalars
             step += 1
-        torch._foreach_mul_(momenta_, beta1)
-        torch._foreach_add_(momenta_, grads_, alpha=1.0 - beta1)
+        torch._foreach_lerp_(momenta_, grads_, 1.0 - beta1)
         gaps = torch._foreach_sub(hesses_, prices_)
-        torch._foreach_mul_(gaps, gaps)
-        torch._foreach_div_(gaps, torch._foreach_add(hesses_, weight_decay))
-        torch._foreach_mul_(gaps, keep_positive)
-        torch._foreach_mul_(hesses_, beta2)
-        torch._foreach_add_(hesses_, prices_, alpha=1.0 - beta2)
-        torch._foreach_add_(hesses_, gaps)
-        biases = [1.0 - beta1 ** _get_value(step) if debias else 1.0 for step in steps_]
-        directions = torch._foreach_div(momenta_, biases)
-        torch._foreach_add_(directions, means_, alpha=weight_decay)
-        torch._foreach_div_(directions, torch._foreach_add(hesses_, weight_decay))
-        if math.isfinite(clip_radius):
-            torch._foreach_clamp_min_(directions, -clip_radius)
-            torch._foreach_clamp_max_(directions, clip_radius)
-        torch._foreach_add_(means_, directions, alpha=-lr)
+        squares = torch._foreach_mul(gaps, gaps)
+        torch._foreach_div_(squares, torch._foreach_add(hesses_, weight_decay) if weight_decay else hesses_)
+        torch._foreach_add_(hesses_, gaps, alpha=-(1.0 - beta2))
+        torch._foreach_add_(hesses_, squares, alpha=keep_positive)
+        by_bias: dict[float, list[int]] = {}
+        for i, step in enumerate(steps_):
+            by_bias.setdefault(1.0 - beta1 ** _get_value(step) if debias else 1.0, []).append(i)
+        for bias, indices in by_bias.items():
+            momenta_b, means_b, hesses_b = ([ts[i] for i in indices] for ts in (momenta_, means_, hesses_))
+            if weight_decay:
+                directions = torch._foreach_add(momenta_b, means_b, alpha=bias * weight_decay)
+                torch._foreach_div_(directions, torch._foreach_add(hesses_b, weight_decay))
+            else:
+                directions = torch._foreach_div(momenta_b, hesses_b)
+            if math.isfinite(clip_radius):
+                torch._foreach_clamp_min_(directions, -clip_radius * bias)
+                torch._foreach_clamp_max_(directions, clip_radius * bias)
+            torch._foreach_add_(means_b, directions, alpha=-lr / bias)
