@@ -68,7 +68,7 @@ def sharded_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    blob_layer.flipout_noise = fixed_noise
+    blob_layer.NOISE_PATHS["flipout"] = fixed_noise
     model = tiny_blob_model(Path(model_dir))
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.base_model.model.model.layers:
@@ -94,7 +94,7 @@ def test_fsdp2_shards_train_as_one_process_on_the_whole_batch(tiny_model_dir, tm
     mp.spawn(sharded_worker, args=(free_port(), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True)
     sharded = torch.load(out, weights_only=False)
 
-    monkeypatch.setattr(blob_layer, "flipout_noise", fixed_noise)
+    monkeypatch.setitem(blob_layer.NOISE_PATHS, "flipout", fixed_noise)
     model = tiny_blob_model(tiny_model_dir)
     initial = {k: v.clone() for k, v in posterior_state_dict(model).items()}
     reference = train(model, slice(None))

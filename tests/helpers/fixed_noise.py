@@ -15,4 +15,4 @@ def fixed_noise(x, std):
 
 class FixedNoisePlugin(BasePlugin):
     def register(self, cfg):
-        blob_layer.flipout_noise = fixed_noise
+        blob_layer.NOISE_PATHS["flipout"] = fixed_noise
