@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from axolotl_blob.calibration.temperature import TemperatureScaled, fit_temperature
-from axolotl_blob.sampling import DropoutSampler
+from axolotl_blob.calibration.scoring import ordered_choice_probabilities
+from axolotl_blob.calibration.temperature import TemperatureScaled, choice_log_probs, fit_temperature
+from axolotl_blob.sampling import DeterministicSampler, DropoutSampler
 
 
 def test_fitted_temperature_is_the_nll_minimum_and_recovers_the_generating_one():
@@ -27,6 +28,18 @@ def test_temperature_scaled_model_divides_the_logits():
 
     x = torch.randn(2, 3, 5)
     torch.testing.assert_close(TemperatureScaled(Logits(), 2.0)(x).logits, x / 2.0)
+
+
+def test_choices_scoring_of_a_temperature_scaled_model_is_the_softmax_of_log_probs_over_t(tiny_model_dir):
+    """Scoring restricts the wrapped model's output layer to the answer position, through the wrapper."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = lora_with_dropout(tiny_model_dir, 0.0), AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [{"question": f"Question: {w}", "choices": ["no", "yes", "maybe"][: 2 + i % 2]} for i, w in enumerate("ab cd ef gh".split())]
+    log_probs = choice_log_probs(model, tokenizer, examples, batch_size=3)
+    scaled, _ = ordered_choice_probabilities(TemperatureScaled(model, 2.5), tokenizer, examples, DeterministicSampler(), 0, batch_size=3)
+    torch.testing.assert_close(scaled, torch.softmax(log_probs / 2.5, dim=-1), rtol=1e-5, atol=1e-6)
+    assert (scaled[0::2, 2] == 0).all() and not torch.allclose(scaled, log_probs.exp())
 
 
 def lora_with_dropout(tiny_model_dir, p: float):

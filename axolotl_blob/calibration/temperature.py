@@ -23,6 +23,10 @@ class TemperatureScaled(nn.Module):
         super().__init__()
         self.model, self.temperature = model, temperature
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The wrapped model's output layer, so scoring can still restrict it to the answer position."""
+        return self.model.get_output_embeddings()
+
     def forward(self, *args, **kwargs):
         outputs = self.model(*args, **kwargs)
         outputs.logits = outputs.logits / self.temperature
