@@ -36,13 +36,14 @@ class DeterministicSampler:
 
 
 class BlobSampler:
-    """BLoB layers: each draw is a fresh Flipout sample of A; N = 0 is the posterior mean."""
+    """BLoB layers: each draw is one fresh sample of every layer's A, shared by the whole batch (N forwards cost
+    N LoRA forwards); N = 0 is the posterior mean."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def draws(self, n_samples: int) -> Iterator[None]:
-        with posterior_sampling(self.model, enabled=n_samples > 0):
+        with posterior_sampling(self.model, enabled=n_samples > 0, whole_weights=True):
             for _ in range(max(n_samples, 1)):
                 yield
 

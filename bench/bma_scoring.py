@@ -10,7 +10,9 @@ headlines, bf16 autocast on CPU, arms interleaved round by round (medians). Arms
 - `previous`: the scoring as it was, batches in file order and the output layer over every position;
 - `mean_pass`: today's `choice_probabilities` at the posterior mean (N = 0): similar-length batches, the output
   layer at the answer position only; `previous / mean_pass` is the speed-up;
-- `bma_10_flipout`, `bma_10_rank_signs`: N = 10 posterior draws with each noise path, against 10 × `mean_pass`;
+- `bma_10`: N = 10 posterior draws as scoring makes them (one whole A per layer and forward), against
+  10 × `mean_pass`;
+- `bma_10_flipout`, `bma_10_rank_signs`: the previous draws, the training noise paths' per-token perturbations;
 - `trainer_eval`: `transformers.Trainer.evaluate` (prediction_loss_only) over the same prompts with the answer
   letter as the only label, one pass: the loop Axolotl's own evaluation runs.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from axolotl_blob.blob.model import bayesianize, blob_layers
+from axolotl_blob.blob.model import bayesianize, blob_layers, posterior_sampling
 from axolotl_blob.calibration.scoring import choice_probabilities
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids, read_examples
 from axolotl_blob.sampling import BlobSampler
@@ -53,9 +55,18 @@ def previous_scoring(model: nn.Module, tokenizer, examples: list[dict], batch_si
     return torch.cat(out)
 
 
-def scoring(model, tokenizer, examples, n_samples: int, batch_size: int) -> torch.Tensor:
+class TokenNoiseSampler(BlobSampler):
+    """The previous BMA draws: the training noise path's per-token perturbations of A."""
+
+    def draws(self, n_samples: int):
+        with posterior_sampling(self.model, enabled=n_samples > 0):
+            for _ in range(max(n_samples, 1)):
+                yield
+
+
+def scoring(model, tokenizer, examples, n_samples: int, batch_size: int, sampler_type: type = BlobSampler) -> torch.Tensor:
     probs = torch.zeros(len(examples), 2, dtype=torch.float64)
-    for positions, batch_probs, _ in choice_probabilities(model, tokenizer, examples, BlobSampler(model), n_samples, batch_size, AUTOCAST):
+    for positions, batch_probs, _ in choice_probabilities(model, tokenizer, examples, sampler_type(model), n_samples, batch_size, AUTOCAST):
         probs[positions] = batch_probs
     return probs
 
@@ -102,18 +113,19 @@ def main() -> None:
         for _, layer, adapter in blob_layers(model):
             layer.lora_variant[adapter].noise = noise
 
-    def bma(noise: str):
+    def token_noise_bma(noise: str):
         def run():
             set_noise(noise)
-            return scoring(model, tokenizer, examples, 10, args.batch_size)
+            return scoring(model, tokenizer, examples, 10, args.batch_size, TokenNoiseSampler)
 
         return run
 
     arms = {
         "previous": lambda: previous_scoring(model, tokenizer, examples, args.batch_size),
         "mean_pass": lambda: scoring(model, tokenizer, examples, 0, args.batch_size),
-        "bma_10_flipout": bma("flipout"),
-        "bma_10_rank_signs": bma("rank_signs"),
+        "bma_10": lambda: scoring(model, tokenizer, examples, 10, args.batch_size),
+        "bma_10_flipout": token_noise_bma("flipout"),
+        "bma_10_rank_signs": token_noise_bma("rank_signs"),
         "trainer_eval": trainer_evaluation(model, tokenizer, examples, args.batch_size),
     }
     max_difference = (arms["previous"]() - arms["mean_pass"]()).abs().max().item()
@@ -132,6 +144,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "seconds": median,
             "speedup_previous_over_mean_pass": per_round("previous", "mean_pass"),
+            "bma_10_over_10_mean_passes": per_round("bma_10", "mean_pass", 10.0),
             "bma_10_flipout_over_10_mean_passes": per_round("bma_10_flipout", "mean_pass", 10.0),
             "bma_10_rank_signs_over_10_mean_passes": per_round("bma_10_rank_signs", "mean_pass", 10.0),
             "trainer_eval_over_mean_pass": per_round("trainer_eval", "mean_pass"),

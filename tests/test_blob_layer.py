@@ -146,6 +146,45 @@ def test_rank_signs_equal_a_per_token_weight_computation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_whole_weight_draws_equal_one_sampled_a_for_the_whole_batch():
+    """Prediction's draws: every token of every row computes s·B(M + σ ⊙ ε)x with one ε per layer and forward,
+    the draw made from the same generator state; the sampling context restores the training noise path."""
+    model = blob_model(init_std=0.4)
+    layer = model.base_model.model.q_proj
+    a, b, g = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.blob_G["default"]
+    x = torch.randn(2, 3, D_IN)
+    with posterior_sampling(model, enabled=True, whole_weights=True), torch.no_grad():
+        torch.manual_seed(7)
+        out = layer(x)
+        torch.manual_seed(7)
+        sampled_a = a + posterior_std(g) * torch.randn_like(g)
+        expected = layer.base_layer(x) + x @ sampled_a.T @ b.T * layer.scaling["default"]
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        identical = layer(x[:1, :1].expand(2, 3, D_IN))
+        assert torch.equal(identical, identical[:1, :1].expand_as(identical))  # one A for all six tokens
+        assert not torch.equal(layer(x), out)  # a fresh A per forward
+    assert layer.blob_sampling is None and layer.blob_weight_draws is False
+
+
+def test_whole_weight_draws_match_the_analytic_mean_and_variance():
+    """One draw per forward: across forwards the mean → N = 0 output and the variance → s² Σ_k B_ik² Σ_j σ_kj² x_j²,
+    the same marginal as the training noise paths."""
+    model = blob_model(init_std=0.4)
+    layer = model.base_model.model.q_proj
+    x = torch.randn(1, D_IN)
+    layer.eval()
+    mean_output = layer(x)[0]
+    draws = 20_000
+    with posterior_sampling(model, enabled=True, whole_weights=True), torch.no_grad():
+        samples = torch.cat([layer(x) for _ in range(draws)])
+    sigma = posterior_std(layer.blob_G["default"])
+    weight_b, scale = layer.lora_B["default"].weight, layer.scaling["default"]
+    analytic_variance = scale**2 * (weight_b**2 * (sigma**2 * x**2).sum(dim=1)).sum(dim=1)
+    standard_error = (analytic_variance / draws).sqrt()
+    assert torch.all((samples.mean(0) - mean_output).abs() < 5 * standard_error)
+    torch.testing.assert_close(samples.var(0), analytic_variance.detach(), rtol=0.05, atol=0)
+
+
 def test_an_unknown_noise_path_is_refused():
     with pytest.raises(ValueError, match="unknown BLoB noise path 'gaussian'"):
         blob_model(noise="gaussian")

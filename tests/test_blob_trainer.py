@@ -62,7 +62,7 @@ def test_eval_loss_is_the_nll_of_averaged_probabilities(model):
     torch.manual_seed(11)
     loss = trainer.compute_loss(model, batch)
     torch.manual_seed(11)
-    with posterior_sampling(model, enabled=True), torch.no_grad():
+    with posterior_sampling(model, enabled=True, whole_weights=True), torch.no_grad():
         logits = torch.stack([model(input_ids=batch["input_ids"]).logits[:, :-1].float() for _ in range(4)])
     targets, mask = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
     probs = torch.softmax(logits, -1).mean(0).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
@@ -148,7 +148,7 @@ def test_bma_eval_loss_under_the_choice_likelihood_averages_k_way_probabilities(
     torch.manual_seed(2)
     loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
     torch.manual_seed(2)
-    with posterior_sampling(model, enabled=True), torch.no_grad():
+    with posterior_sampling(model, enabled=True, whole_weights=True), torch.no_grad():
         letters = torch.stack([model(input_ids=ids).logits[[0, 1], [4, 3]][:, label_ids].float() for _ in range(3)])
     expected = -torch.log(torch.softmax(letters, -1).mean(0)[[0, 1], [1, 2]]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -1,4 +1,5 @@
-"""The BLoB layer: a Gaussian posterior over LoRA's A factor, sampled with Flipout.
+"""The BLoB layer: a Gaussian posterior over LoRA's A factor, sampled with Flipout in training and as whole
+weights in prediction.
 
 BLoB is a PEFT LoRA *variant*: PEFT's own LoRA layers (``nn.Linear``, bitsandbytes 8-bit and 4-bit) keep their
 forward, dtype casting, merging and saving, and call :meth:`BlobVariant.forward` for the adapter part.
@@ -38,6 +39,16 @@ def sampling_enabled(module: LoraLayer) -> bool:
     """Sample in training by default; an explicit ``blob_sampling`` (set by the sampling context) wins."""
     forced = getattr(module, "blob_sampling", None)
     return module.training if forced is None else forced
+
+
+def draws_whole_weights(module: LoraLayer) -> bool:
+    """Set by the sampling context for Bayesian model averaging (``blob_weight_draws``)."""
+    return getattr(module, "blob_weight_draws", False)
+
+
+def weight_sample(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A = M + σ ⊙ ε: one draw of the whole factor, r × d_in numbers."""
+    return torch.addcmul(mean, std, torch.randn_like(std))
 
 
 def rademacher(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
@@ -83,7 +94,10 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 class BlobVariant(LoraVariant):
     """LoRA with q(A) = N(M, σ²): mean path s·B(Mx) plus, when sampling, a noise path (`noise`: Flipout, the
-    reference's, or its output signs only)."""
+    reference's, or its output signs only) — or, for Bayesian model averaging, s·B(Ax) with one whole draw A per
+    forward shared by every token: the weight-space sample a BMA averages over (every position of a sequence sees
+    the same A, which per-token noise does not give), at exactly LoRA's cost. Per-token noise exists to decorrelate
+    a minibatch's gradients; a prediction has none."""
 
     def __init__(self, noise: NoisePath = "flipout"):
         if noise not in NOISE_PATHS:
@@ -116,6 +130,10 @@ class BlobVariant(LoraVariant):
     ) -> torch.Tensor:
         x = module.lora_dropout[active_adapter](x)
         sampling = sampling_enabled(module)
+        if sampling and draws_whole_weights(module):
+            std = posterior_std(module.blob_G[active_adapter])
+            hidden = F.linear(x, weight_sample(module.lora_A[active_adapter].weight, std).to(x.dtype))
+            return result + module.lora_B[active_adapter](hidden) * module.scaling[active_adapter]
         if sampling:
             x = autocast_input(x)
         hidden = module.lora_A[active_adapter](x)

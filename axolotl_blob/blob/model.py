@@ -109,17 +109,19 @@ def posterior_summary(model: nn.Module) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def posterior_sampling(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Force sampling on (draws from q) or off (the posterior mean, N = 0) regardless of train/eval mode."""
+def posterior_sampling(model: nn.Module, enabled: bool, whole_weights: bool = False) -> Iterator[None]:
+    """Force sampling on (draws from q) or off (the posterior mean, N = 0) regardless of train/eval mode;
+    `whole_weights`: each forward draws one A per layer for the whole batch (prediction) instead of the training
+    noise path's per-token perturbations."""
     layers = {id(layer): layer for _, layer, _ in blob_layers(model)}.values()
-    previous = [getattr(layer, "blob_sampling", None) for layer in layers]
+    previous = [(getattr(layer, "blob_sampling", None), getattr(layer, "blob_weight_draws", False)) for layer in layers]
     for layer in layers:
-        layer.blob_sampling = enabled
+        layer.blob_sampling, layer.blob_weight_draws = enabled, whole_weights
     try:
         yield
     finally:
-        for layer, value in zip(layers, previous):
-            layer.blob_sampling = value
+        for layer, (sampling, weight_draws) in zip(layers, previous):
+            layer.blob_sampling, layer.blob_weight_draws = sampling, weight_draws
 
 
 def module_key(name: str) -> str:
