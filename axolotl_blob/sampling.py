@@ -39,11 +39,11 @@ class BlobSampler:
     """BLoB layers: each draw is one fresh sample of every layer's A, shared by the whole batch (N forwards cost
     N LoRA forwards); N = 0 is the posterior mean."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, whole_weights: bool = True):
+        self.model, self.whole_weights = model, whole_weights  # False: the training noise path's per-token draws
 
     def draws(self, n_samples: int) -> Iterator[None]:
-        with posterior_sampling(self.model, enabled=n_samples > 0, whole_weights=True):
+        with posterior_sampling(self.model, enabled=n_samples > 0, whole_weights=self.whole_weights):
             for _ in range(max(n_samples, 1)):
                 yield
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from axolotl_blob.blob.model import bayesianize, blob_layers, posterior_sampling
+from axolotl_blob.blob.model import bayesianize, blob_layers
 from axolotl_blob.calibration.scoring import choice_probabilities
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids, read_examples
 from axolotl_blob.sampling import BlobSampler
@@ -55,18 +55,9 @@ def previous_scoring(model: nn.Module, tokenizer, examples: list[dict], batch_si
     return torch.cat(out)
 
 
-class TokenNoiseSampler(BlobSampler):
-    """The previous BMA draws: the training noise path's per-token perturbations of A."""
-
-    def draws(self, n_samples: int):
-        with posterior_sampling(self.model, enabled=n_samples > 0):
-            for _ in range(max(n_samples, 1)):
-                yield
-
-
-def scoring(model, tokenizer, examples, n_samples: int, batch_size: int, sampler_type: type = BlobSampler) -> torch.Tensor:
+def scoring(model, tokenizer, examples, n_samples: int, batch_size: int, whole_weights: bool = True) -> torch.Tensor:
     probs = torch.zeros(len(examples), 2, dtype=torch.float64)
-    for positions, batch_probs, _ in choice_probabilities(model, tokenizer, examples, sampler_type(model), n_samples, batch_size, AUTOCAST):
+    for positions, batch_probs, _ in choice_probabilities(model, tokenizer, examples, BlobSampler(model, whole_weights), n_samples, batch_size, AUTOCAST):
         probs[positions] = batch_probs
     return probs
 
@@ -116,7 +107,7 @@ def main() -> None:
     def token_noise_bma(noise: str):
         def run():
             set_noise(noise)
-            return scoring(model, tokenizer, examples, 10, args.batch_size, TokenNoiseSampler)
+            return scoring(model, tokenizer, examples, 10, args.batch_size, whole_weights=False)
 
         return run
 
