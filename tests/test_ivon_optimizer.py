@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +215,57 @@ def test_bayesian_linear_regression_recovers_the_mean_field_posterior():
     assert ((mean - exact_mean).abs() / mean_field_std).max() < 0.1
     assert ((std / mean_field_std - 1).abs()).max() < 0.05
     assert ((std - mean_field_std).abs() < (std - marginal_std).abs()).all()
+
+
+# ------------------------------------------------------------------------------------------------- 3b. flat buffers
+
+BEFORE_FLAT_BUFFERS = Path(__file__).parent / "data" / "ivon_before_flat_buffers.json"
+
+
+def two_group_run(optimizer_class: type = IVON) -> dict[str, list[float]]:
+    """Six steps over two parameter groups that hold every case of the state layout: fp32 tensors that always
+    have a gradient, a bf16 one (fp32 master copy), an fp64 one, one that never has a gradient and one that has
+    it in one micro-batch of two. Steps alternate gradient accumulation (``accumulate()``) and two MC samples
+    (``zero_grad()`` inside the context), with an evaluation draw after each; ε comes from the optimizer's own
+    generator. Returns every parameter and state tensor, by name."""
+    model = mixed_model()
+    model.offset = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    model.sometimes = nn.Parameter(torch.randn(3))
+    groups = [
+        {"params": [model.weight, model.bias, model.scale], "weight_decay": 1e-2},
+        {"params": [model.offset, model.unused, model.sometimes], "lr": 0.02},
+    ]
+    opt = optimizer_class(groups, lr=0.05, ess=100.0, beta2=0.99, clip_radius=0.5, seed=7)
+    data = batches(12, seed=8)
+    for step in range(6):
+        for i, (x, y) in enumerate(data[2 * step : 2 * step + 2]):
+            with opt.sampled_params(train=True):
+                if step % 2:
+                    opt.zero_grad()
+                logits = model(x) * model.scale.float() + model.offset.float()
+                nn.functional.cross_entropy(logits + model.sometimes if i == 0 else logits, y).backward()
+            if i == 0 and step % 2 == 0:
+                opt.accumulate()
+        opt.step()
+        opt.zero_grad()
+        with opt.sampled_params(train=False):
+            pass
+    tensors = {}
+    for name, p in model.named_parameters():
+        tensors[name] = p.detach().double().flatten().tolist()
+        for key, value in sorted(opt.state[p].items()):
+            tensors[f"{name}.{key}"] = value.double().flatten().tolist()
+    return tensors
+
+
+def test_flat_buffers_equal_the_ivon_before_them():
+    """The IVON of commit c3445ca (multi-tensor over per-parameter state, before flat buffers) recorded
+    ``two_group_run`` in tests/data/ivon_before_flat_buffers.json; today's equals it to fp32 rounding."""
+    expected = json.loads(BEFORE_FLAT_BUFFERS.read_text())
+    actual = two_group_run()
+    assert sorted(actual) == sorted(expected)
+    for name, values in expected.items():
+        torch.testing.assert_close(torch.tensor(actual[name]), torch.tensor(values), rtol=1e-6, atol=1e-7, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------- 4. checkpoints
