@@ -1,10 +1,13 @@
 """IVON's cost relative to AdamW, measured in the same process, interleaved.
 
-    python bench/ivon_vs_adamw.py [--model assets/smollm2-135m-instruct] [--steps 50] [--rounds 3] [--json out.json]
+    python bench/ivon_vs_adamw.py [--model assets/smollm2-135m-instruct] [--steps 50] [--rounds 3] [--before REV]
+        [--json out.json]
 
 1. Optimizer step alone, on the LoRA parameters of SmolLM2-135M (r 8 on q_proj, v_proj: 0.46 M parameters) with
-   fixed gradients: torch AdamW (foreach), our IVON (foreach and per-tensor loop) and the reference ivon-opt
-   (if installed). An IVON step includes drawing the weight sample and restoring the mean, as in training.
+   fixed gradients: torch AdamW (foreach), our IVON (flat state buffers, the default, and one tensor at a time),
+   with `--before REV` the IVON of that git revision (e.g. c3445ca, per-parameter multi-tensor state), and the
+   reference ivon-opt (if installed). An IVON step includes drawing the weight sample and restoring the mean, as in
+   training.
 2. A whole training step (forward, backward, optimizer step; batch 8 × 64 tokens, bf16 autocast on CPU), AdamW vs
    our IVON sampling around forward and backward as the Trainer integration does.
 """
@@ -12,6 +15,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import types
 from pathlib import Path
 
 import torch
@@ -22,7 +27,17 @@ from common import DEFAULT_MODEL, emit, interleaved_seconds, lora_model, summari
 IVON_KWARGS = dict(lr=0.03, ess=1e6, hess_init=3e-4, weight_decay=0.0, clip_radius=1e-3, rescale_lr=False)
 
 
-def optimizer_only_arms(params: list[torch.Tensor]) -> dict:
+def ivon_at_revision(revision: str) -> type:
+    """The IVON class as it was at a git revision of this repository (its optimizer module imports torch only)."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:axolotl_blob/ivon/optimizer.py"], capture_output=True, text=True, check=True
+    ).stdout
+    module = types.ModuleType(f"ivon_at_{revision}")
+    exec(compile(source, f"{revision}:axolotl_blob/ivon/optimizer.py", "exec"), module.__dict__)
+    return module.IVON
+
+
+def optimizer_only_arms(params: list[torch.Tensor], before: str | None) -> dict:
     generator = torch.Generator().manual_seed(0)
     grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in params]
 
@@ -47,9 +62,11 @@ def optimizer_only_arms(params: list[torch.Tensor]) -> dict:
 
     arms = {
         "adamw": plain(torch.optim.AdamW(params, lr=3e-4, foreach=True)),
-        "ivon_foreach": sampled(IVON(params, foreach=True, **IVON_KWARGS)),
-        "ivon_loop": sampled(IVON(params, foreach=False, **IVON_KWARGS)),
+        "ivon": sampled(IVON(params, **IVON_KWARGS)),
+        "ivon_per_tensor": sampled(IVON(params, foreach=False, **IVON_KWARGS)),
     }
+    if before is not None:
+        arms[f"ivon_at_{before}"] = sampled(ivon_at_revision(before)(params, **IVON_KWARGS))
     try:
         import ivon  # the GPLv3 reference, a test/bench-only dependency
 
@@ -91,12 +108,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", metavar="REV", default=None, help="also time the IVON of this git revision")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     params = [p for p in lora_model(args.model).parameters() if p.requires_grad]
     result = {
         "lora_parameters": sum(p.numel() for p in params),
-        "optimizer_step": summarise(interleaved_seconds(optimizer_only_arms(params), args.steps, args.rounds), "adamw"),
+        "optimizer_step": summarise(interleaved_seconds(optimizer_only_arms(params, args.before), args.steps, args.rounds), "adamw"),
         "training_step": summarise(interleaved_seconds(training_arms(args.model), args.train_steps, args.rounds), "adamw"),
     }
     emit({"benchmark": "IVON vs AdamW", **result}, args.json)

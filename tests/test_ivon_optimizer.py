@@ -17,19 +17,18 @@ from axolotl_blob.ivon import IVON
 
 
 def fixed_noise(*values):
-    """A `_draw_noise` replacement returning the given ε, one tensor per parameter, call after call."""
+    """A `_draw_noise` replacement returning the given ε (one tensor per parameter) flattened, call after call."""
     draws = iter(values)
 
     def draw(params, generator):
-        return [torch.as_tensor(v, dtype=torch.float32).reshape(p.shape) for p, v in zip(params, next(draws))]
+        return torch.cat([torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in next(draws)])
 
     return draw
 
 
 def global_rng_noise(params, generator):
     """ε as the reference draws it: one torch.randn over the flattened group, from torch's global RNG."""
-    flat = torch.randn(sum(p.numel() for p in params))
-    return [chunk.view(p.shape) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
+    return torch.randn(sum(p.numel() for p in params))
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
@@ -266,6 +265,53 @@ def test_flat_buffers_equal_the_ivon_before_them():
     assert sorted(actual) == sorted(expected)
     for name, values in expected.items():
         torch.testing.assert_close(torch.tensor(actual[name]), torch.tensor(values), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_state_entries_are_views_of_one_flat_buffer_per_key_and_dtype():
+    """Per parameter, as torch's optimizers: each entry has its parameter's shape; behind them, the parameters of a
+    group that share a dtype share one contiguous buffer per key (what lets a step run each operation once)."""
+    model = mixed_model()
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0)
+    accumulation_step(model, opt, batches(2))
+    fp32 = [model.weight, model.bias, model.unused]
+    for key in ("momentum", "hess"):
+        entries = [opt.state[p][key] for p in fp32]
+        assert [e.shape for e in entries] == [p.shape for p in fp32]
+        base = entries[0]._base
+        assert base is not None and base.numel() == sum(p.numel() for p in fp32)
+        assert all(e._base is base for e in entries)
+        assert [e.storage_offset() for e in entries] == [0, 12, 15]
+        assert opt.state[model.scale][key]._base is not base  # bf16: a bucket of its own
+    steps = [opt.state[p]["step"] for p in fp32]
+    assert all(s.dim() == 0 and s._base is steps[0]._base for s in steps)
+
+
+def test_a_state_entry_replaced_by_hand_is_what_the_next_step_uses():
+    """Replacing ``optimizer.state[p]["hess"]`` with a new tensor (not a view of the flat buffer) must act as
+    the same change made in place: the buffer is rebuilt from the entries before it is used."""
+    data = batches(3, seed=9)
+    runs = []
+    for replace in (True, False):
+        model = tiny_mlp()
+        opt = IVON(model.parameters(), lr=0.1, ess=20.0, beta2=0.9)
+        train_step(model, opt, *data[0])
+        first = next(model.parameters())
+        if replace:
+            opt.state[first]["hess"] = opt.state[first]["hess"] * 3.0
+        else:
+            opt.state[first]["hess"].mul_(3.0)
+        for x, y in data[1:]:
+            train_step(model, opt, x, y)
+        runs.append((model, opt))
+    (model_a, opt_a), (model_b, opt_b) = runs
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt_a.state[p]["hess"], opt_b.state[q]["hess"])
+    untouched = tiny_mlp()
+    untouched_opt = IVON(untouched.parameters(), lr=0.1, ess=20.0, beta2=0.9)
+    for x, y in data:
+        train_step(untouched, untouched_opt, x, y)
+    assert not torch.equal(next(untouched.parameters()), next(model_a.parameters()))  # the change mattered
 
 
 # ------------------------------------------------------------------------------------------------- 4. checkpoints

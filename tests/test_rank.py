@@ -110,7 +110,7 @@ def crafted_ivon(model, shuffle: bool) -> IVON:
     generator = torch.Generator().manual_seed(1)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            optimizer._state(p, group)["hess"] = torch.rand(p.shape, generator=generator) + 0.5
+            optimizer.state[p]["hess"] = torch.rand(p.shape, generator=generator) + 0.5
     return optimizer
 
 
@@ -272,7 +272,8 @@ def test_pruning_edits_ivon_posterior_mean_including_its_fp32_copy():
     model = toy_adalora().to(torch.bfloat16)
     optimizer = IVON([p for p in model.parameters() if p.requires_grad], lr=0.1, ess=50.0)
     module = adapted_modules(model)[0]
-    optimizer._state(module.values, optimizer.param_groups[0])  # bf16 parameter: the state keeps an fp32 mean
+    with optimizer.sampled_params():  # creates the state: for a bf16 parameter, an fp32 copy of the mean
+        pass
     keep = torch.tensor([True, False, True, False])
     prune_(module, keep, optimizer)
     mean = optimizer.posterior_mean(module.values).flatten()

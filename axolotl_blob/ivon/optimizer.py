@@ -62,11 +62,18 @@ State is fp32 whatever the parameter dtype (fp64 for fp64 parameters): ``step``,
 plus, for bf16/fp16 parameters, ``mean``, an fp32 master copy of m (the parameter holds its rounding), so that
 updates far below the parameter's resolution are not lost. The sample θ is still rounded to the parameter's
 dtype, so σ should stay above its resolution for the Hessian estimate to be meaningful.
+
+Layout: each entry ``state[p][key]`` is a tensor of ``p``'s shape (a 0-dim one for ``step``), as in torch's
+optimizers, but the entries of the parameters of a group that share device and dtype are views of one flat buffer
+per key (``flat.FlatBucket``). Sampling, folding and the update then run each operation once over the buffer rather
+than once per parameter, as the reference's flat vectors do, while ``state_dict()`` stays per parameter. An entry
+replaced by a tensor of its own (or loaded) is taken into a new buffer when next used.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -75,6 +82,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_value
+
+from axolotl_blob.ivon.flat import FlatBucket, buckets_of
 
 GradReduction = Literal["mean", "sum"]
 
@@ -104,9 +113,10 @@ class IVON(Optimizer):
         rescale_lr: use α' = α (h0 + δ) instead of α.
         grad_reduction: ``"mean"`` or ``"sum"`` over the samples folded into one step (module docstring).
         seed: seed of the noise generators; the same on every rank.
-        foreach: the update multi-tensor (``torch._foreach_*``, the default: fewer passes, one dispatch per op)
-            or one tensor at a time (``False``: the same numbers, the temporaries of one tensor at a time). Sampling
-            and the Hessian estimate are multi-tensor either way.
+        foreach: the update once over each flat state buffer (the default; per parameter, multi-tensor, for a
+            step where some parameters have no gradient) or one tensor at a time (``False``: the same numbers, the
+            temporaries of one tensor at a time). Sampling and the Hessian estimate run over the flat buffers either
+            way.
     """
 
     def __init__(
@@ -177,6 +187,7 @@ class IVON(Optimizer):
         self._pending = False  # a training sample whose gradient has not been read yet
         self._num_samples = 0  # training samples drawn since the last step (folded or pending)
         self._sampling: dict[Tensor, Tensor] | None = None  # inside sampled_params: saved means of fp32/fp64 params
+        self._bucket_cache: dict[int, tuple[list[Tensor], list[FlatBucket]]] = {}  # id(group) -> its buckets
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -184,6 +195,7 @@ class IVON(Optimizer):
             group.setdefault("debias", True)
             group.setdefault("rescale_lr", True)
             group.setdefault("foreach", None)
+        self.__dict__.setdefault("_bucket_cache", {})
 
     # ---------------------------------------------------------------- posterior
 
@@ -266,34 +278,36 @@ class IVON(Optimizer):
         finally:
             self._restore_means()
 
-    def _draw_noise(self, params: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    def _draw_noise(self, params: list[Tensor], generator: torch.Generator) -> Tensor:
         """ε ~ N(0, I) for the parameters of a group: one fp32 draw over the flattened group (as the reference),
-        on the generator's device, split into one view per parameter in order."""
-        flat = torch.randn(sum(p.numel() for p in params), generator=generator, device=generator.device)
-        return [chunk.view(p.shape) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
+        on the generator's device."""
+        return torch.randn(sum(p.numel() for p in params), generator=generator, device=generator.device)
+
+    def _buckets(self, group: dict) -> list[FlatBucket]:
+        """The group's parameters by (device, dtype), built once per group (again if its parameter list changed)."""
+        params = group["params"]
+        cached = self._bucket_cache.get(id(group))
+        if cached is None or len(cached[0]) != len(params) or not all(map(operator.is_, cached[0], params)):
+            cached = (list(params), buckets_of(params, scalar_keys=("step",)))
+            self._bucket_cache[id(group)] = cached
+        return cached[1]
 
     @torch.no_grad()
     def _perturb(self, train: bool, generator: torch.Generator) -> None:
         saved: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
-            params = group["params"]
-            states = [self._state(p, group) for p in params]
-            draws = self._draw_noise(params, generator)
-            epsilons = [eps.to(device=p.device, dtype=state["hess"].dtype) for p, eps, state in zip(params, draws, states, strict=True)]
-            inverse_std = _inverse_std([state["hess"] for state in states], group)
-            noises = torch._foreach_div(epsilons, inverse_std)  # σ ⊙ ε
-            mastered = [i for i, state in enumerate(states) if "mean" in state]
-            plain = [i for i, state in enumerate(states) if "mean" not in state]
-            if mastered:
-                sampled = torch._foreach_add([states[i]["mean"] for i in mastered], [noises[i] for i in mastered])
-                torch._foreach_copy_([params[i] for i in mastered], sampled)
-            if plain:
-                plain_params = [params[i] for i in plain]
-                saved.update(zip(plain_params, torch._foreach_mul(plain_params, 1.0)))  # exact copies of m
-                torch._foreach_add_(plain_params, [noises[i] for i in plain])
-            if train:  # ĥ = g ⊙ ε / σ needs ε / σ: h does not move before the step that reads it
-                for state, scaled in zip(states, torch._foreach_mul(epsilons, inverse_std)):
-                    state["scaled_noise"] = scaled
+            epsilon = self._draw_noise(group["params"], generator)
+            for bucket in self._buckets(group):
+                self._ensure_state(bucket, group)
+                eps = bucket.take(epsilon).to(device=bucket.device, dtype=_state_dtype(bucket.params[0]))
+                inverse_std = _inverse_std(bucket.buffer(self.state, "hess"), group)
+                mean = bucket.buffer(self.state, "mean")
+                if mean is None:  # the parameters hold m: keep an exact copy to restore
+                    mean = bucket.flatten(bucket.params)
+                    saved.update(zip(bucket.params, bucket.views(mean)))
+                torch._foreach_copy_(bucket.params, bucket.views(mean + eps / inverse_std))  # θ = m + σ ⊙ ε
+                if train:  # ĥ = g ⊙ ε / σ needs ε / σ: h does not move before the step that reads it
+                    bucket.assign(self.state, "scaled_noise", eps * inverse_std)
         self._sampling = saved
 
     @torch.no_grad()
@@ -307,20 +321,25 @@ class IVON(Optimizer):
 
     def _drop_noise(self) -> None:
         for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p].pop("scaled_noise", None)
+            for bucket in self._buckets(group):
+                bucket.pop(self.state, "scaled_noise")
 
-    def _state(self, p: Tensor, group: dict) -> dict:
-        """The parameter's state, created on first use."""
-        state = self.state[p]
-        if len(state) == 0:
-            dtype = _state_dtype(p)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            state["hess"] = torch.full_like(p, group["hess_init"], dtype=dtype, memory_format=torch.preserve_format)
-            if dtype != p.dtype:
-                state["mean"] = p.detach().to(dtype, copy=True)
-        return state
+    def _ensure_state(self, bucket: FlatBucket, group: dict) -> None:
+        """The bucket's state, created on first use as views of one flat tensor per key (entries already set, e.g.
+        a Hessian written into ``state[p]`` by hand, are kept)."""
+        dtype = _state_dtype(bucket.params[0])
+        initial = {
+            "step": lambda p: torch.tensor(0.0, dtype=torch.float32),
+            "momentum": lambda p: torch.zeros_like(p, dtype=dtype),
+            "hess": lambda p: torch.full_like(p, group["hess_init"], dtype=dtype),
+        }
+        if dtype != bucket.dtype:
+            initial["mean"] = lambda p: p.detach().to(dtype)
+        for key, make in initial.items():
+            entries = [self.state[p].get(key) for p in bucket.params]
+            if all(entry is not None for entry in entries):
+                continue
+            bucket.assign(self.state, key, bucket.flatten([e if e is not None else make(p) for e, p in zip(entries, bucket.params)]))
 
     # ---------------------------------------------------------------- gradients
 
@@ -345,30 +364,33 @@ class IVON(Optimizer):
             self._fold(clear_grads=False)
         super().zero_grad(set_to_none=set_to_none)
 
-    def _pending_samples(self, group: dict, copy: bool) -> tuple[list[Tensor], list[dict], list[Tensor], list[Tensor]]:
-        """(params, states, g, ĥ = g ⊙ ε / σ) of the group's parameters whose pending sample has a gradient, the
-        ε / σ taken out of the state; g in the state dtype (a copy with `copy`, else possibly p.grad itself)."""
-        params, states, grads, noises = [], [], [], []
-        for p in group["params"]:
-            state = self.state[p]
-            noise = state.pop("scaled_noise", None)
-            if noise is not None and p.grad is not None:
-                params.append(p)
-                states.append(state)
-                grads.append(p.grad.to(noise.dtype, copy=copy))
-                noises.append(noise)
-        return params, states, grads, torch._foreach_mul(grads, noises) if params else []
+    def _pending_sample(self, bucket: FlatBucket) -> tuple[Tensor, Tensor, list[bool]] | None:
+        """(g, ĥ = g ⊙ ε / σ, which parameters have a gradient) of the bucket's pending sample, flat, g copied into
+        the state dtype (zeros where a parameter has no gradient); its ε / σ taken out of the state."""
+        noise = bucket.pop(self.state, "scaled_noise")
+        grads = bucket.grads(noise.dtype) if noise is not None else None
+        if grads is None:
+            return None
+        grad, present = grads
+        return grad, grad * noise, present
 
     @torch.no_grad()
     def _fold(self, clear_grads: bool, set_to_none: bool = True) -> None:
         for group in self.param_groups:
-            for state, grad, price in zip(*self._pending_samples(group, copy=True)[1:]):
-                if "grad_sum" in state:
-                    state["grad_sum"].add_(grad)
-                    state["price_sum"].add_(price)
-                    state["num_samples"] += 1
+            for bucket in self._buckets(group):
+                sample = self._pending_sample(bucket)
+                if sample is None:
+                    continue
+                grad, price, present = sample
+                grad_sum = bucket.buffer(self.state, "grad_sum")
+                if grad_sum is None:
+                    bucket.assign(self.state, "grad_sum", grad)
+                    bucket.assign(self.state, "price_sum", price)
                 else:
-                    state["grad_sum"], state["price_sum"], state["num_samples"] = grad, price, 1
+                    grad_sum.add_(grad)
+                    bucket.buffer(self.state, "price_sum").add_(price)
+                for p, has_grad in zip(bucket.params, present):
+                    self.state[p]["num_samples"] = self.state[p].get("num_samples", 0) + has_grad
             if clear_grads:
                 for p in group["params"]:
                     if p.grad is not None:
@@ -378,30 +400,32 @@ class IVON(Optimizer):
                             p.grad.zero_()
         self._pending = False
 
-    def _estimates(self, group: dict) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(param, ĝ, ĥ) for this step from the folded samples and a pending one, for each parameter of the group
-        that has a gradient, in group order."""
-        pending: dict[Tensor, tuple[Tensor, Tensor]] = {}
-        if self._pending:
-            params, _, grads, prices = self._pending_samples(group, copy=False)  # g read only: may alias p.grad
-            pending = dict(zip(params, zip(grads, prices)))
-        estimates = []
-        for p in group["params"]:
-            state = self.state[p]
-            if "grad_sum" not in state:
-                if p in pending:
-                    estimates.append((p, *pending[p]))
-                continue
-            grad_sum, price_sum, count = state.pop("grad_sum"), state.pop("price_sum"), state.pop("num_samples")
-            if p in pending:
-                grad_sum.add_(pending[p][0])
-                price_sum.add_(pending[p][1])
-                count += 1
-            if self.grad_reduction == "mean" and count > 1:
-                grad_sum.div_(count)
-                price_sum.div_(count)
-            estimates.append((p, grad_sum, price_sum))
-        return estimates
+    def _estimates(self, bucket: FlatBucket) -> tuple[Tensor, Tensor, list[int]] | None:
+        """(ĝ, ĥ, samples per parameter) of this step, flat over the bucket, from the folded samples and a pending
+        one; None if no parameter of the bucket had a gradient."""
+        counts = [self.state[p].pop("num_samples", 0) for p in bucket.params]
+        grad, price = bucket.pop(self.state, "grad_sum"), bucket.pop(self.state, "price_sum")
+        sample = self._pending_sample(bucket) if self._pending else None
+        if sample is not None:
+            counts = [count + has_grad for count, has_grad in zip(counts, sample[2])]
+            if grad is None:
+                grad, price = sample[0], sample[1]
+            else:
+                grad.add_(sample[0])
+                price.add_(sample[1])
+        if grad is None:
+            return None
+        if self.grad_reduction == "mean":
+            if len(set(counts)) == 1:
+                if counts[0] > 1:
+                    grad.div_(counts[0])
+                    price.div_(counts[0])
+            else:
+                for grad_view, price_view, count in zip(bucket.views(grad), bucket.views(price), counts):
+                    if count > 1:
+                        grad_view.div_(count)
+                        price_view.div_(count)
+        return grad, price, counts
 
     # ---------------------------------------------------------------- step
 
@@ -428,44 +452,50 @@ class IVON(Optimizer):
             )
 
         for group in self.param_groups:
-            params, means, grads, prices, momenta, hesses, steps = [], [], [], [], [], [], []
-            for p, grad, price in self._estimates(group):
-                state = self.state[p]
-                params.append(p)
-                means.append(state.get("mean", p))
-                grads.append(grad)
-                prices.append(price)
-                momenta.append(state["momentum"])
-                hesses.append(state["hess"])
-                steps.append(state["step"])
-            if not params:
-                continue
-            if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                grads, prices = _all_reduce_mean(grads), _all_reduce_mean(prices)
-            foreach = group["foreach"] is not False  # measured faster on CPU too (README, Benchmarks)
             lr = _get_value(group["lr"])
-            ivon_update(
-                means,
-                grads,
-                prices,
-                momenta,
-                hesses,
-                steps,
+            settings = dict(
                 lr=lr * (group["hess_init"] + group["weight_decay"]) if group["rescale_lr"] else lr,
                 beta1=group["beta1"],
                 beta2=group["beta2"],
                 weight_decay=group["weight_decay"],
                 clip_radius=group["clip_radius"],
-                debias=group["debias"],
-                foreach=foreach,
             )
-            for p, mean in zip(params, means):
-                if mean is not p:
-                    p.copy_(mean)
+            for bucket in self._buckets(group):
+                estimate = self._estimates(bucket)
+                if estimate is not None:
+                    self._update(bucket, *estimate, settings, debias=group["debias"], foreach=group["foreach"])
 
         self._pending = False
         self._num_samples = 0
         return loss
+
+    def _update(
+        self, bucket: FlatBucket, grad: Tensor, price: Tensor, counts: list[int], settings: dict, debias: bool, foreach: bool | None
+    ) -> None:
+        """The update of one bucket: once over its flat state when every parameter moves and all are at the same
+        step (the rule in training), else per parameter over the views of those that had a gradient."""
+        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            grad, price = _all_reduce_mean([grad, price])
+        buffers = [bucket.buffer(self.state, key) for key in ("step", "momentum", "hess")]
+        steps, momentum, hess = buffers
+        master = bucket.buffer(self.state, "mean")
+        mean = master if master is not None else bucket.flatten(bucket.params)
+        if foreach is not False and all(counts) and bool((steps == steps[0]).all()):
+            steps.add_(1.0)
+            bias = 1.0 - settings["beta1"] ** steps[0].item() if debias else 1.0
+            _ivon_kernel([mean], [grad], [price], [momentum], [hess], bias=bias, **settings)
+        else:
+            moving = [i for i, count in enumerate(counts) if count]
+            views = [bucket.views(flat) for flat in (mean, grad, price, momentum, hess)]
+            step_views = steps.unbind()
+            ivon_update(
+                *([tensors[i] for i in moving] for tensors in views),
+                [step_views[i] for i in moving],
+                debias=debias,
+                foreach=foreach is not False,
+                **settings,
+            )
+        torch._foreach_copy_(bucket.params, bucket.views(mean))
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -499,22 +529,17 @@ class IVON(Optimizer):
             self._num_samples = int(extra["num_samples"])
 
 
-def _inverse_std(hesses: list[Tensor], group: dict) -> list[Tensor]:
-    """1/σ = sqrt(ess (h + δ)) per tensor, multi-tensor."""
-    inverse = torch._foreach_add(hesses, group["weight_decay"]) if group["weight_decay"] else torch._foreach_mul(hesses, 1.0)
-    torch._foreach_mul_(inverse, group["ess"])
-    torch._foreach_sqrt_(inverse)
-    return inverse
+def _inverse_std(hess: Tensor, group: dict) -> Tensor:
+    """1/σ = sqrt(ess (h + δ)), a new tensor."""
+    return torch.add(hess, group["weight_decay"]).mul_(group["ess"]).sqrt_()
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
     world_size = dist.get_world_size()
-    out = []
-    for tensor in tensors:
-        tensor = tensor.clone()  # the single-sample estimate may alias p.grad
+    for tensor in tensors:  # the step's own flat estimates: reduced in place
         dist.all_reduce(tensor)
-        out.append(tensor.div_(world_size))
-    return out
+        tensor.div_(world_size)
+    return tensors
 
 
 def ivon_update(
@@ -533,64 +558,41 @@ def ivon_update(
     debias: bool,
     foreach: bool,
 ) -> None:
-    """The IVON update in place, given ĝ (``grads``) and ĥ (``prices``); ``lr`` is α' (already rescaled)."""
-    update = _multi_tensor_ivon if foreach else _single_tensor_ivon
-    update(
-        means,
-        grads,
-        prices,
-        momenta,
-        hesses,
-        steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        clip_radius=clip_radius,
-        debias=debias,
-    )
+    """The IVON update in place, given ĝ (``grads``) and ĥ (``prices``), one tensor per parameter; ``lr`` is α'
+    (already rescaled); ``steps`` (0-dim tensors) are incremented. ``foreach``: multi-tensor, else one tensor at a
+    time (the same numbers, the temporaries of one tensor alive at a time)."""
+    by_bias: dict[float, list[int]] = {}
+    for i, step in enumerate(steps):
+        step += 1
+        by_bias.setdefault(1.0 - beta1 ** _get_value(step) if debias else 1.0, []).append(i)
+    settings = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, clip_radius=clip_radius)
+    for bias, indices in by_bias.items():
+        tensors = [[ts[i] for i in indices] for ts in (means, grads, prices, momenta, hesses)]
+        if foreach:
+            for same_device_and_dtype, _ in Optimizer._group_tensors_by_device_and_dtype(tensors).values():
+                _ivon_kernel(*same_device_and_dtype, bias=bias, **settings)
+        else:
+            for one in zip(*tensors):
+                _ivon_kernel(*([t] for t in one), bias=bias, **settings)
 
 
-def _single_tensor_ivon(
-    means, grads, prices, momenta, hesses, steps, *, lr, beta1, beta2, weight_decay, clip_radius, debias
-):
-    """One tensor at a time: the multi-tensor update on single-tensor lists (the same numbers bit for bit, with the
-    temporaries of one tensor alive at a time rather than of all)."""
-    for tensors in zip(means, grads, prices, momenta, hesses, steps, strict=True):
-        _multi_tensor_ivon(
-            *([t] for t in tensors), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-            clip_radius=clip_radius, debias=debias,
-        )  # fmt: skip
-
-
-def _multi_tensor_ivon(
-    means, grads, prices, momenta, hesses, steps, *, lr, beta1, beta2, weight_decay, clip_radius, debias
-):
-    """In as few passes over the state as the algebra allows (each pass reads and writes every tensor):
-    ḡ by lerp; h ← h − (1 − β2)(h − ĥ) + ½(1 − β2)² (h − ĥ)² / (h + δ); and the bias 1 − β1^t folded into the
-    clip radius and the step size, clip(ḡ / (b (h + δ)) + …, ±c) = clip((ḡ + b δ m) / (h + δ), ±c b) / b."""
-    keep_positive = 0.5 * (1.0 - beta2) ** 2
-    grouped = Optimizer._group_tensors_by_device_and_dtype([means, grads, prices, momenta, hesses, steps])
-    for (means_, grads_, prices_, momenta_, hesses_, steps_), _ in grouped.values():
-        for step in steps_:  # CPU scalars
-            step += 1
-        torch._foreach_lerp_(momenta_, grads_, 1.0 - beta1)
-        gaps = torch._foreach_sub(hesses_, prices_)
-        squares = torch._foreach_mul(gaps, gaps)
-        torch._foreach_div_(squares, torch._foreach_add(hesses_, weight_decay) if weight_decay else hesses_)
-        torch._foreach_add_(hesses_, gaps, alpha=-(1.0 - beta2))
-        torch._foreach_add_(hesses_, squares, alpha=keep_positive)
-        by_bias: dict[float, list[int]] = {}
-        for i, step in enumerate(steps_):
-            by_bias.setdefault(1.0 - beta1 ** _get_value(step) if debias else 1.0, []).append(i)
-        for bias, indices in by_bias.items():
-            momenta_b, means_b, hesses_b = ([ts[i] for i in indices] for ts in (momenta_, means_, hesses_))
-            if weight_decay:
-                directions = torch._foreach_add(momenta_b, means_b, alpha=bias * weight_decay)
-                torch._foreach_div_(directions, torch._foreach_add(hesses_b, weight_decay))
-            else:
-                directions = torch._foreach_div(momenta_b, hesses_b)
-            if math.isfinite(clip_radius):
-                torch._foreach_clamp_min_(directions, -clip_radius * bias)
-                torch._foreach_clamp_max_(directions, clip_radius * bias)
-            torch._foreach_add_(means_b, directions, alpha=-lr / bias)
+def _ivon_kernel(means, grads, prices, momenta, hesses, *, lr, beta1, beta2, weight_decay, clip_radius, bias):
+    """The update of tensors at one step (``bias`` = 1 − β1^t, or 1 without debiasing), multi-tensor, in as few
+    passes over the state as the algebra allows (each pass reads and writes every tensor): ḡ by lerp;
+    h ← h − (1 − β2)(h − ĥ) + ½(1 − β2)² (h − ĥ)² / (h + δ); and the bias folded into the clip radius and the step
+    size, clip(ḡ / (b (h + δ)) + …, ±c) = clip((ḡ + b δ m) / (h + δ), ±c b) / b."""
+    torch._foreach_lerp_(momenta, grads, 1.0 - beta1)
+    gaps = torch._foreach_sub(hesses, prices)
+    squares = torch._foreach_mul(gaps, gaps)
+    torch._foreach_div_(squares, torch._foreach_add(hesses, weight_decay) if weight_decay else hesses)
+    torch._foreach_add_(hesses, gaps, alpha=-(1.0 - beta2))
+    torch._foreach_add_(hesses, squares, alpha=0.5 * (1.0 - beta2) ** 2)
+    if weight_decay:
+        directions = torch._foreach_add(momenta, means, alpha=bias * weight_decay)
+        torch._foreach_div_(directions, torch._foreach_add(hesses, weight_decay))
+    else:
+        directions = torch._foreach_div(momenta, hesses)
+    if math.isfinite(clip_radius):
+        torch._foreach_clamp_min_(directions, -clip_radius * bias)
+        torch._foreach_clamp_max_(directions, clip_radius * bias)
+    torch._foreach_add_(means, directions, alpha=-lr / bias)
