@@ -128,3 +128,34 @@ def test_length_sorted_batches_cover_every_position_once_shortest_first():
     from axolotl_blob.calibration.scoring import length_sorted_batches
 
     assert length_sorted_batches([5, 2, 9, 2, 7], 2) == [[1, 3], [0, 4], [2]]
+
+
+def test_linear_weights_cast_once_score_as_autocast_casting_them_at_every_forward(tiny_model_dir, monkeypatch):
+    """Under bf16 autocast an fp32 model's fixed Linear weights are cast once per scoring, not per forward: the
+    scores of N = 3 whole-weight draws are bit-equal to those of autocast casting at every forward. The output layer
+    is tied to the embedding (as SmolLM2's), which must keep its fp32 weight for the lookup."""
+    from axolotl_blob.calibration import scoring
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_blob_model(tiny_model_dir, init_std=0.3).eval()
+    inner = model.get_base_model()
+    inner.lm_head.weight = inner.model.embed_tokens.weight
+    fixed = scoring._fixed_linear_weights(model)
+    assert "base_model.model.lm_head.weight" in fixed
+    assert sum(name.endswith("q_proj.base_layer.weight") for name in fixed) == 2  # one per layer
+    assert not [name for name in fixed if "lora_" in name or "embed_tokens" in name]
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    ids = torch.tensor([tokenizer("red cat dog one red.")["input_ids"]])
+
+    def scores():
+        torch.manual_seed(3)
+        probs = scoring.ordered_choice_probabilities(model, tokenizer, EXAMPLES, BlobSampler(model), 3, 2, bf16)[0]
+        tokens = score_tokens(model, [{"input_ids": ids, "labels": ids}], BlobSampler(model), 2, autocast=bf16)
+        return probs, tokens.compute()
+
+    cast_once = scores()
+    monkeypatch.setattr(scoring, "_fixed_linear_weights", lambda model: {})
+    every_forward = scores()
+    assert torch.equal(cast_once[0], every_forward[0])
+    assert cast_once[1] == every_forward[1]
+    assert all(p.dtype == torch.float32 for p in model.parameters())

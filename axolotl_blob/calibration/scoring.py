@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+
 from axolotl_blob.blob.model import unwrap_model
 from axolotl_blob.calibration.metrics import CalibrationState, entropy
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids
@@ -91,6 +93,67 @@ def answer_position_logits(model: nn.Module, positions: torch.Tensor) -> Iterato
         handle.remove()
 
 
+def _autocast_dtype(autocast: AutocastFactory, device: torch.device) -> torch.dtype | None:
+    """The dtype `autocast` runs matmuls in on `device`, None if it does not autocast there."""
+    with autocast():
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _fixed_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name → tensor of each fp32 weight and bias of a Linear layer that stays as it is while scoring: frozen (a
+    posterior sampler moves only trainable tensors), not an adapter factor (BLoB draws from those), and a plain
+    tensor (not a DTensor or a DeepSpeed-partitioned parameter)."""
+    adapter_factors = {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, BaseTunerLayer)
+        for layer_name in module.adapter_layer_names
+        for param in getattr(module, layer_name).parameters()
+    }
+    fixed = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            for name, param in module.named_parameters(recurse=False):
+                if (
+                    param.dtype == torch.float32
+                    and not param.requires_grad
+                    and type(param) is nn.Parameter
+                    and not hasattr(param, "ds_id")
+                    and id(param) not in adapter_factors
+                ):
+                    fixed[f"{module_name}.{name}" if module_name else name] = param
+    return fixed
+
+
+@contextlib.contextmanager
+def eval_forward(model: nn.Module, autocast: AutocastFactory) -> Iterator[Callable[..., object]]:
+    """Inside: the model in eval mode (its mode restored on exit) and a function calling it under `autocast`, with
+    the fixed Linear weights cast once up front.
+
+    Autocast casts an fp32 weight afresh at every call (it caches casts of trainable leaves only), so an fp32 model
+    under bf16 autocast re-casts nearly all its weights per forward (a quarter of a CPU scoring pass of SmolLM2). The
+    copies give the matmuls the very operands autocast would have cast, so the numbers are unchanged; they are
+    swapped in per call by ``torch.func.functional_call`` for that Linear layer only (a tied embedding keeps its
+    fp32 weight), and dropped on exit. Models already in bf16 (the usual GPU run) have nothing to cast."""
+    dtype = _autocast_dtype(autocast, _device(model))
+    fixed = _fixed_linear_weights(model) if dtype is not None else {}
+    copies = {name: param.detach().to(dtype) for name, param in fixed.items()}
+
+    def forward(**inputs):
+        with autocast():
+            if not copies:
+                return model(**inputs)
+            return torch.func.functional_call(model, copies, args=(), kwargs=inputs, tie_weights=False, strict=False)
+
+    was_training = model.training
+    model.eval()
+    try:
+        yield forward
+    finally:
+        copies.clear()
+        model.train(was_training)
+
+
 def length_sorted_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
     """Positions grouped into batches of `size` by prompt length (stable), so a batch pads to little more than
     its own prompts' length."""
@@ -119,9 +182,7 @@ def choice_probabilities(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
     prompts = [prompt_token_ids(tokenizer, format_prompt(e["question"], e["choices"])) for e in examples]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_forward(model, autocast) as forward:
         for positions in length_sorted_batches([len(p) for p in prompts], batch_size):
             lengths = torch.tensor([len(prompts[i]) for i in positions])
             input_ids = torch.full((len(positions), int(lengths.max())), pad_id, dtype=torch.long)
@@ -133,16 +194,14 @@ def choice_probabilities(
             last_positions = (lengths - 1).to(device)
             draws = []
             for _ in sampler.draws(n_samples):
-                with autocast(), answer_position_logits(model, last_positions):
-                    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+                with answer_position_logits(model, last_positions):
+                    logits = forward(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
                 rows = torch.arange(len(positions), device=logits.device)
                 last = logits[:, 0] if logits.shape[1] == 1 else logits[rows, last_positions.to(logits.device)]
                 choice_logits = last.float().cpu()[:, label_ids].masked_fill(~valid, float("-inf"))
                 draws.append(torch.softmax(choice_logits.double(), dim=-1))
             stacked = torch.stack(draws)
             yield positions, stacked.mean(0), entropy(stacked).mean(0) if len(draws) > 1 else None
-    finally:
-        model.train(was_training)
 
 
 def ordered_choice_probabilities(
@@ -205,9 +264,7 @@ def score_tokens(
     """Calibration state of every supervised next token (labels != −100) in `batches` of a causal LM."""
     device = _device(model)
     state = CalibrationState(n_bins)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_forward(model, autocast) as forward:
         for batch in batches:
             labels = batch["labels"][:, 1:].to(device)
             mask = labels != -100
@@ -216,13 +273,10 @@ def score_tokens(
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
             prob_sum, draw_entropy_sum, count = None, None, 0
             for _ in sampler.draws(n_samples):
-                with autocast():
-                    logits = model(**inputs).logits[:, :-1]
+                logits = forward(**inputs).logits[:, :-1]
                 probs = torch.softmax(logits[mask].float(), dim=-1)  # fp32: (tokens × vocabulary) per draw
                 prob_sum = probs if prob_sum is None else prob_sum + probs
                 draw_entropy_sum = entropy(probs) if draw_entropy_sum is None else draw_entropy_sum + entropy(probs)
                 count += 1
             state.update(prob_sum / count, labels[mask], draw_entropy_sum / count if count > 1 else None)
-    finally:
-        model.train(was_training)
     return synchronize_state(state)
