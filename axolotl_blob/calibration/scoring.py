@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -101,8 +103,12 @@ def _autocast_dtype(autocast: AutocastFactory, device: torch.device) -> torch.dt
 
 def _fixed_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name → tensor of each fp32 weight and bias of a Linear layer that stays as it is while scoring: frozen (a
-    posterior sampler moves only trainable tensors), not an adapter factor (BLoB draws from those), and a plain
-    tensor (not a DTensor or a DeepSpeed-partitioned parameter)."""
+    posterior sampler moves only trainable tensors) and not an adapter factor (BLoB draws from those). None of a
+    sharded model (FSDP, DeepSpeed ZeRO-3): its engine swaps the parameters in and out itself."""
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()) or any(
+        isinstance(param, DTensor) or hasattr(param, "ds_id") for param in model.parameters()
+    ):
+        return {}
     adapter_factors = {
         id(param)
         for module in model.modules()
@@ -114,13 +120,7 @@ def _fixed_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             for name, param in module.named_parameters(recurse=False):
-                if (
-                    param.dtype == torch.float32
-                    and not param.requires_grad
-                    and type(param) is nn.Parameter
-                    and not hasattr(param, "ds_id")
-                    and id(param) not in adapter_factors
-                ):
+                if param.dtype == torch.float32 and not param.requires_grad and id(param) not in adapter_factors:
                     fixed[f"{module_name}.{name}" if module_name else name] = param
     return fixed
 
