@@ -286,6 +286,26 @@ def test_state_entries_are_views_of_one_flat_buffer_per_key_and_dtype():
     assert all(s.dim() == 0 and s._base is steps[0]._base for s in steps)
 
 
+def test_a_flat_buffer_is_rebuilt_from_entries_of_their_own_missing_ones_as_zeros():
+    """After load_state_dict the entries are tensors of their own; the buffer is their concatenation, in group order,
+    and they become its views. An entry present for some parameters only (another layout) counts as zeros."""
+    from collections import defaultdict
+
+    from axolotl_blob.ivon.flat import buckets_of
+
+    params = [nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(1))]
+    (bucket,) = buckets_of(params, scalar_keys=("step",))
+    state = defaultdict(dict)
+    state[params[0]]["grad_sum"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    state[params[2]]["grad_sum"] = torch.tensor([5.0])
+    buffer = bucket.buffer(state, "grad_sum")
+    assert buffer.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 5.0]
+    assert [state[p]["grad_sum"].shape for p in params] == [p.shape for p in params]
+    assert all(state[p]["grad_sum"]._base is buffer for p in params)
+    assert bucket.buffer(state, "grad_sum") is buffer  # still its views: not rebuilt
+    assert bucket.buffer(state, "momentum") is None
+
+
 def test_a_state_entry_replaced_by_hand_is_what_the_next_step_uses():
     """Replacing ``optimizer.state[p]["hess"]`` with a new tensor (not a view of the flat buffer) must act as
     the same change made in place: the buffer is rebuilt from the entries before it is used."""

@@ -66,11 +66,8 @@ class FlatBucket:
             self._buffers.pop(key, None)
             return None
         like = next(entry for entry in entries if entry is not None)
-        scalar = key in self._scalar_keys
-        filled = [
-            entry if entry is not None else torch.zeros((() if scalar else p.shape), dtype=like.dtype, device=like.device)
-            for entry, p in zip(entries, self.params)
-        ]
+        shapes = [() if key in self._scalar_keys else p.shape for p in self.params]
+        filled = [entry if entry is not None else like.new_zeros(shape) for entry, shape in zip(entries, shapes)]
         buffer = self.flatten(filled)
         self.assign(state, key, buffer)
         return buffer

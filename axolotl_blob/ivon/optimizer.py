@@ -339,7 +339,8 @@ class IVON(Optimizer):
             entries = [self.state[p].get(key) for p in bucket.params]
             if all(entry is not None for entry in entries):
                 continue
-            bucket.assign(self.state, key, bucket.flatten([e if e is not None else make(p) for e, p in zip(entries, bucket.params)]))
+            filled = [entry if entry is not None else make(p) for entry, p in zip(entries, bucket.params)]
+            bucket.assign(self.state, key, bucket.flatten(filled))
 
     # ---------------------------------------------------------------- gradients
 
@@ -470,14 +471,20 @@ class IVON(Optimizer):
         return loss
 
     def _update(
-        self, bucket: FlatBucket, grad: Tensor, price: Tensor, counts: list[int], settings: dict, debias: bool, foreach: bool | None
+        self,
+        bucket: FlatBucket,
+        grad: Tensor,
+        price: Tensor,
+        counts: list[int],
+        settings: dict,
+        debias: bool,
+        foreach: bool | None,
     ) -> None:
         """The update of one bucket: once over its flat state when every parameter moves and all are at the same
         step (the rule in training), else per parameter over the views of those that had a gradient."""
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             grad, price = _all_reduce_mean([grad, price])
-        buffers = [bucket.buffer(self.state, key) for key in ("step", "momentum", "hess")]
-        steps, momentum, hess = buffers
+        steps, momentum, hess = (bucket.buffer(self.state, key) for key in ("step", "momentum", "hess"))
         master = bucket.buffer(self.state, "mean")
         mean = master if master is not None else bucket.flatten(bucket.params)
         if foreach is not False and all(counts) and bool((steps == steps[0]).all()):
