@@ -1,8 +1,12 @@
-"""BMA scoring under DeepSpeed ZeRO-3, at the torch level: `deepspeed.initialize` on 2 gloo CPU ranks. ZeRO-3
-empties every parameter outside its module's forward and gathers a module's own parameters in that forward's hook;
-the calibration callback scores the unwrapped module. Each rank scores the same examples with N = 2 whole-weight
-posterior draws (a draw reads lora_A's weight inside the LoRA layer's forward, not lora_A's) under bf16 autocast
-and must equal one process without DeepSpeed from the same seed."""
+"""BMA scoring of a sharded model, at the torch level on 2 gloo CPU ranks, as the calibration callback scores it
+(the unwrapped module): each rank scores the same examples with N = 2 whole-weight posterior draws under bf16
+autocast and must equal one process without sharding from the same seed. A draw reads lora_A's weight inside the
+LoRA layer's forward (not lora_A's own), and scoring must leave a sharded model's parameters to its engine.
+
+- DeepSpeed ZeRO-3 (`deepspeed.initialize`): every parameter is emptied outside its module's forward and gathered in
+  that forward's hook.
+- FSDP2 (`fully_shard` per decoder layer and the root): parameters are DTensor shards, unsharded per layer's forward.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,6 @@ from transformers import AutoTokenizer
 from axolotl_blob.calibration.scoring import ordered_choice_probabilities
 from axolotl_blob.sampling import BlobSampler
 from conftest import tiny_blob_model
-
-pytest.importorskip("deepspeed")
 
 WORLD = 2
 EXAMPLES = [
@@ -58,6 +60,24 @@ def zero3_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def fsdp2_worker(rank: int, port: int, model_dir: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    model = tiny_blob_model(Path(model_dir), init_std=0.3)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    result = scores(model, AutoTokenizer.from_pretrained(model_dir))
+    if rank == 0:
+        Path(out).write_text(json.dumps(result.tolist()))
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -65,8 +85,12 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_bma_scoring_of_a_zero3_partitioned_model_equals_one_process(tiny_model_dir, tmp_path):
-    out = tmp_path / "zero3.json"
-    mp.spawn(zero3_worker, args=(free_port(), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_bma_scoring_of_a_sharded_model_equals_one_process(engine, tiny_model_dir, tmp_path):
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+    out = tmp_path / f"{engine}.json"
+    worker = zero3_worker if engine == "zero3" else fsdp2_worker
+    mp.spawn(worker, args=(free_port(), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True)
     expected = scores(tiny_blob_model(tiny_model_dir, init_std=0.3).eval(), AutoTokenizer.from_pretrained(tiny_model_dir))
     torch.testing.assert_close(torch.tensor(json.loads(out.read_text()), dtype=torch.float64), expected, rtol=0, atol=1e-6)
