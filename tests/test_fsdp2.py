@@ -6,7 +6,6 @@ concatenated batch. The noise is fixed (ε = 1, signs +1: tests/helpers/fixed_no
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from axolotl_blob.blob.model import kl_divergence, posterior_state_dict, posteri
 from axolotl_blob.blob.optimizer import BlobOptimizer, set_kl_weight  # noqa: E402
 from axolotl_blob.blob.trainer import posterior_parameters  # noqa: E402
 from axolotl_blob.engines import gathered  # noqa: E402
-from conftest import tiny_blob_model  # noqa: E402
+from conftest import free_port, tiny_blob_model  # noqa: E402
 
 WORLD, STEPS, PRIOR, KL_LR, LR = 2, 3, 0.2, 0.05, 1e-2
 
@@ -80,12 +79,6 @@ def sharded_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     if rank == 0:
         torch.save(result, out)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

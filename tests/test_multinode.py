@@ -6,7 +6,6 @@ exactly one writer, global rank 0, although every node has a local rank 0."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import assert_identical_tensors, base_config, subprocess_env
+from conftest import assert_identical_tensors, base_config, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
 PLUGIN_FILES = ("blob_posterior.safetensors", "blob_config.json")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def node_command(node_rank: int, port: int, config: Path) -> list[str]:

@@ -11,7 +11,6 @@ LoRA layer's forward (not lora_A's own), and scoring must leave a sharded model'
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from transformers import AutoTokenizer
 
 from axolotl_blob.calibration.scoring import ordered_choice_probabilities
 from axolotl_blob.sampling import BlobSampler
-from conftest import tiny_blob_model
+from conftest import free_port, tiny_blob_model
 
 WORLD = 2
 EXAMPLES = [
@@ -76,12 +75,6 @@ def fsdp2_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(result.tolist()))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow
