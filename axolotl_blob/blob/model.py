@@ -49,6 +49,12 @@ def blob_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
                 yield name, module, adapter
 
 
+def posterior_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(means M, σ factors G) of every BLoB layer."""
+    layers = list(blob_layers(model))
+    return [layer.lora_A[a].weight for _, layer, a in layers], [layer.blob_G[a] for _, layer, a in layers]
+
+
 def bayesianize(model: nn.Module, init_std: float, adapter_name: str = "default", noise: NoisePath = "flipout") -> int:
     """Give every LoRA linear layer of `adapter_name` a BLoB posterior over A, sampled by the `noise` path;
     returns how many."""

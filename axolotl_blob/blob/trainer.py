@@ -21,10 +21,10 @@ from axolotl_blob.args import BlobSettings
 from axolotl_blob.blob.kl import kl_weight, rescaled_cycle_steps
 from axolotl_blob.blob.model import (
     PosteriorSpec,
-    blob_layers,
     kl_divergence,
     load_posterior,
     module_key,
+    posterior_parameters,
     posterior_state_dict,
     posterior_summary,
     save_posterior,
@@ -95,12 +95,6 @@ class BlobKLSchedule(TrainerCallback):
         found = first_non_finite(optimizer.param_groups if not zero3_partitioned(model) else posterior_shards(model))
         if found is not None:
             raise non_finite_error(*found, model, state.global_step + 1, self.settings)
-
-
-def posterior_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(means M, σ factors G) of every BLoB layer."""
-    layers = list(blob_layers(model))
-    return [layer.lora_A[a].weight for _, layer, a in layers], [layer.blob_G[a] for _, layer, a in layers]
 
 
 def zero3_partitioned(model: nn.Module) -> bool:
