@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator
 
 import torch
-from axolotl.utils.logging import get_logger
 
-LOG = get_logger(__name__)
+from axolotl_blob.engines import is_global_main_process
+
+LOG = logging.getLogger(__name__)  # not Axolotl's logger: importing this module must not import Axolotl (args.py does)
 
 LORA_LIKE_ADAPTERS = ("blob", "adalora")
 ALIASED_LOADER_STEPS = ("_set_quantization_config", "_prepare_model_for_quantization", "_configure_embedding_dtypes")
@@ -89,7 +91,8 @@ def configure_cpu_runs(deepspeed: bool = False) -> None:
     """As :func:`cpu_training_args`: not under DeepSpeed."""
     if cpu_only() and not deepspeed and "ACCELERATE_USE_CPU" not in os.environ:
         os.environ["ACCELERATE_USE_CPU"] = "true"
-        LOG.info("axolotl_blob: no GPU: ACCELERATE_USE_CPU=true, so multi-process runs train with DDP on the CPU")
+        if is_global_main_process():
+            LOG.info("axolotl_blob: no GPU: ACCELERATE_USE_CPU=true, so multi-process runs train with DDP on the CPU")
 
 
 def patch_p2p_probe() -> None:
@@ -100,7 +103,8 @@ def patch_p2p_probe() -> None:
         def run(*args, **kwargs):
             if torch.cuda.is_available():
                 return original(*args, **kwargs)
-            LOG.info("axolotl_blob: no CUDA device: skipping Axolotl's GPU peer-access probe")
+            if is_global_main_process():
+                LOG.info("axolotl_blob: no CUDA device: skipping Axolotl's GPU peer-access probe")
             return True
 
         return run

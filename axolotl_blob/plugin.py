@@ -50,6 +50,7 @@ from axolotl_blob.rank.trainer import STATE_FILE as RANK_STATE_FILE
 from axolotl_blob.rank.trainer import rank_trainer_cls
 
 LOG = get_logger(__name__)
+get_logger("axolotl_blob")  # level of the package's stdlib loggers (compat, rank, …): their INFO lines reach Axolotl's log
 
 
 def blob_settings(cfg: DictDefault) -> BlobSettings:

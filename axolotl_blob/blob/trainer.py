@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from axolotl_blob.args import BlobSettings
 from axolotl_blob.blob.kl import kl_weight, rescaled_cycle_steps
 from axolotl_blob.blob.model import (
     PosteriorSpec,
@@ -33,6 +32,9 @@ from axolotl_blob.blob.optimizer import MEAN, SIGMA, BlobOptimizer, first_non_fi
 from axolotl_blob.engines import is_sharded, is_zero3_partitioned, local_shard
 from axolotl_blob.multiple_choice import ChoiceLikelihood
 from axolotl_blob.sampling import BlobSampler, bma_choice_nll, bma_log_probs, bma_token_nll, next_token_nll
+
+if TYPE_CHECKING:
+    from axolotl_blob.args import BlobSettings
 
 
 class NonFinitePosteriorError(FloatingPointError):

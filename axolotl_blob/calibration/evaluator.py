@@ -10,11 +10,11 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from axolotl_blob.args import CalibrationSettings
 from axolotl_blob.calibration.metrics import CalibrationState
 from axolotl_blob.calibration.ood import OOD_SCORES, ood_metrics
 from axolotl_blob.calibration.report import (
@@ -27,6 +27,9 @@ from axolotl_blob.calibration.report import (
 from axolotl_blob.calibration.scoring import AutocastFactory, score_choices, score_tokens
 from axolotl_blob.multiple_choice import label_token_ids, read_examples
 from axolotl_blob.sampling import PosteriorSampler
+
+if TYPE_CHECKING:
+    from axolotl_blob.args import CalibrationSettings
 
 TOKENS_DATASET = "tokens"
 

@@ -10,14 +10,17 @@ parameters hold the posterior mean: evaluation, checkpoints and the saved adapte
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim import Optimizer
 
 from transformers import Trainer
 
-from axolotl_blob.args import IvonSettings
 from axolotl_blob.ivon.optimizer import IVON
+
+if TYPE_CHECKING:
+    from axolotl_blob.args import IvonSettings
 
 
 def unwrap_optimizer(optimizer: Optimizer | None) -> Optimizer | None:

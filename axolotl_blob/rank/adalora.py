@@ -13,14 +13,17 @@ adds it times 0 (a small cost, no effect).
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
-from axolotl.loaders.adapter import load_lora
-from axolotl.utils.dict import DictDefault
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
-from axolotl_blob.args import RankSchedulerSettings
 from axolotl_blob.rank.modules import AdaptedModule
+
+if TYPE_CHECKING:
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_blob.args import RankSchedulerSettings
 
 # LoraConfig fields that keep their meaning in AdaLoraConfig (Axolotl fills them from its lora_* keys)
 SHARED_LORA_FIELDS = (
@@ -40,6 +43,8 @@ def adalora_config(cfg: DictDefault, model, settings: RankSchedulerSettings, tot
     `total_step` is recorded for PEFT's bookkeeping only (our scheduler reads the Trainer's step count); before
     the Trainer exists it is max_steps, or the smallest value PEFT accepts.
     """
+    from axolotl.loaders.adapter import load_lora  # Axolotl's reading of its lora_* keys
+
     _, lora_config = load_lora(model, cfg, config_only=True)
     shared = {name: getattr(lora_config, name) for name in SHARED_LORA_FIELDS}
     return AdaLoraConfig(

@@ -3,14 +3,14 @@ checkpoints, and the final pattern written into the adapter."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from axolotl.utils.logging import get_logger
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
-from axolotl_blob.args import RankSchedulerSettings
 from axolotl_blob.io import save_tensors
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import unwrap_optimizer
@@ -21,7 +21,10 @@ from axolotl_blob.rank.modules import adapted_modules
 from axolotl_blob.rank.pattern import commit_adalora_pattern, commit_blob_pattern, write_rank_report
 from axolotl_blob.rank.scheduler import RankScheduler
 
-LOG = get_logger(__name__)
+if TYPE_CHECKING:
+    from axolotl_blob.args import RankSchedulerSettings
+
+LOG = logging.getLogger(__name__)
 STATE_FILE = "rank_scheduler.safetensors"
 
 
@@ -64,17 +67,18 @@ class RankSchedulerCallback(TrainerCallback):
         self.scheduler = RankScheduler(modules, schedule, build_importance(self.settings, posterior), posterior)
         if self.resume_state is not None:
             self.scheduler.load_state_dict(self.resume_state)
-        LOG.info(
-            f"rank scheduler ({self.settings.importance}): {len(modules)} modules, total rank {initial} → "
-            f"{schedule.target} between steps {schedule.t_init} and {schedule.final_step} of {schedule.total_steps}"
-        )
+        if state.is_world_process_zero:
+            LOG.info(
+                f"rank scheduler ({self.settings.importance}): {len(modules)} modules, total rank {initial} → "
+                f"{schedule.target} between steps {schedule.t_init} and {schedule.final_step} of {schedule.total_steps}"
+            )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.scheduler.step(state.global_step + 1)  # the Trainer counts the step only after this event
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         scheduler = self.scheduler
-        if not scheduler.final:
+        if not scheduler.final and state.is_world_process_zero:
             LOG.warning("training ended before rank_scheduler reached its final budget; saving the current ranks")
         scheduler.apply_mask()  # dropped components may have regrown since the last allocation
         ranks = {name: int(keep.sum()) for name, keep in scheduler.keep.items()}  # before BLoB's cut
