@@ -11,12 +11,32 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "example_configs").glob("*.yml"))
 
 
+def built_by_assets() -> set[str]:
+    """The JSONL files `python -m axolotl_blob.assets` writes (the paper tasks unless --skip-paper-tasks)."""
+    from axolotl_blob.assets import OOD_FILE
+    from axolotl_blob.paper_tasks import SHIFT_SETS, TASKS
+
+    paper = {f"{task.name}_{part}.jsonl" for task in TASKS for part in ("train", "test")}
+    return {"sarcasm_train.jsonl", "sarcasm_val.jsonl", OOD_FILE, *paper, *(f"{shift.name}_test.jsonl" for shift in SHIFT_SETS)}
+
+
+def data_files(path: Path) -> list[str]:
+    """The data files a config names: its datasets and its calibration block's."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    return [entry["path"] for entry in [*config["datasets"], *(config.get("calibration") or {}).get("datasets", [])]]
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
 def test_example_config_validates(path, monkeypatch):
     from axolotl.cli.config import load_cfg
 
-    if not (ROOT / "assets" / "sarcasm_val.jsonl").is_file():
-        pytest.skip("assets not built (python -m axolotl_blob.assets --out assets)")
+    files = data_files(path)
+    assert {Path(file).name for file in files} <= built_by_assets() and all(file.startswith("assets/") for file in files)
+    missing = [file for file in files if not (ROOT / file).is_file()]
+    if missing:
+        pytest.skip(f"{missing[0]} not built (python -m axolotl_blob.assets --out assets)")
     monkeypatch.chdir(ROOT)
     cfg = load_cfg(str(path))
     assert cfg.adapter in ("blob", "lora", "adalora") and "axolotl_blob.BlobPlugin" in cfg.plugins
