@@ -9,7 +9,7 @@ import torch
 
 from axolotl_blob.blob.kl import rescaled_cycle_steps
 from axolotl_blob.blob.model import kl_divergence
-from axolotl_blob.blob.optimizer import BlobOptimizer, first_non_finite, set_kl_weight
+from axolotl_blob.blob.optimizer import BlobOptimizer, first_non_finite, schedule_factor, set_kl_weight
 from axolotl_blob.blob.trainer import posterior_parameters
 from conftest import tiny_blob_model
 
@@ -60,7 +60,7 @@ def test_reference_update_moves_g_by_sgd_on_nll_plus_kl_and_m_by_the_kl_pull(mod
     g_before = [g.detach().clone() for g in sigmas]
     g_grads = [g.grad.clone() for g in sigmas]
     for group in optimizer.param_groups:  # as an LR scheduler half-way down its schedule would leave them
-        group["initial_lr"], group["lr"] = group["lr"], group["lr"] * factor
+        group["lr"] *= factor
     set_kl_weight(optimizer.param_groups, weight)
     optimizer.step()
     rate = KL_LR * factor
@@ -103,11 +103,13 @@ def test_optimizer_routing_steps_g_with_the_inner_optimizer_and_adds_the_kl_pull
 
 
 def test_the_sigma_group_follows_the_lr_schedule(model):
+    """The σ group runs at learning_rate like every other group (tests/test_blob_schedules.py: every scheduler)."""
     optimizer = blob_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     for step in range(3):
-        assert optimizer.param_groups[-1]["lr"] == pytest.approx(KL_LR / (1 + step))
+        assert optimizer.param_groups[-1]["lr"] == pytest.approx(LR / (1 + step))
         assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / (1 + step))  # the inner groups: the same factor
+        assert schedule_factor(optimizer.param_groups[-1]) == pytest.approx(1.0 / (1 + step))
         optimizer.step()
         scheduler.step()
 
@@ -136,11 +138,19 @@ def test_state_dict_resumes_bit_identically(model, tiny_model_dir):
     resumed_scheduler = torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 0.8**step)
     resumed.load_state_dict(saved_optimizer)
     resumed_scheduler.load_state_dict(saved_scheduler)
-    assert resumed.param_groups[-1]["lr"] == pytest.approx(KL_LR * 0.8**2)  # the σ group's scheduled lr came back
+    assert resumed.param_groups[-1]["lr"] == pytest.approx(LR * 0.8**2)  # the σ group's scheduled lr came back
     assert resumed.state is resumed.inner.state and len(resumed.state) > 0
     run_steps(resumed_model, resumed, resumed_scheduler, range(2, 4))
     for (name, a), (_, b) in zip(model.named_parameters(), resumed_model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_the_kl_lr_based_sigma_group_is_refused(model):
+    """Before the fix the σ group was scheduled from kl_lr; its saved lr (and the scheduler's base) cannot resume."""
+    saved = blob_optimizer(model).state_dict()
+    del saved["own_groups"][0]["built_lr"]
+    with pytest.raises(ValueError, match="predates the σ group's schedule at learning_rate"):
+        blob_optimizer(model).load_state_dict(saved)
 
 
 def test_zero_grad_clears_the_sigma_group_too(model):

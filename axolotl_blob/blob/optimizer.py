@@ -11,11 +11,14 @@ point-estimate parameters. Every parameter group carries at most one role (the `
 - no role (LoRA's B and anything else trainable): the inner optimizer alone.
 
 η_t = ``kl_lr`` · lr_t / lr_0, the LR schedule's factor read off the group itself (the scheduler scales every group,
-these included), and π_t is the group's ``kl_weight``, written before each step by :func:`set_kl_weight`. The KL is
-a sum of a term in M and a term in σ, so each update needs only its own tensor: it runs unchanged on whatever tensor
-a distributed engine hands the optimizer (a flat partition of one group under ZeRO, a shard under FSDP2) as long as
-each group holds one role, which is why the inner optimizer's groups are split by role. Plain SGD keeps no state:
-``state_dict`` is the inner optimizer's plus the hyperparameters of the σ group (its scheduled ``lr``).
+these included): lr_0 is the group's rate as the optimizer was built (``built_lr``), recorded before any scheduler
+touches it — not the scheduler's ``initial_lr``, which OneCycleLR sets to max_lr/25 — and the σ group runs at
+``learning_rate`` like the others, since a scheduler may write absolute rates (OneCycleLR, REX's floor). π_t is the
+group's ``kl_weight``, written before each step by :func:`set_kl_weight`. The KL is a sum of a term in M and a term
+in σ, so each update needs only its own tensor: it runs unchanged on whatever tensor a distributed engine hands the
+optimizer (a flat partition of one group under ZeRO, a shard under FSDP2) as long as each group holds one role, which
+is why the inner optimizer's groups are split by role. Plain SGD keeps no state: ``state_dict`` is the inner
+optimizer's plus the hyperparameters of the σ group (its scheduled ``lr``).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ def split_by_role(groups: Sequence[dict], roles: dict[int, str]) -> list[dict]:
 
 
 def schedule_factor(group: dict) -> float:
-    """lr_t / lr_0 of a group: 1 before any scheduler has touched it, 0 for a group whose initial lr is 0."""
-    initial = group.get("initial_lr", group["lr"])
-    return group["lr"] / initial if initial > 0 else 0.0
+    """lr_t / lr_0 of a group (lr_0: its ``built_lr``): 1 before any scheduler has touched it, 0 for a group built
+    at lr 0."""
+    built = group["built_lr"]
+    return group["lr"] / built if built > 0 else 0.0
 
 
 def set_kl_weight(param_groups: Iterable[dict], weight: float) -> None:
@@ -116,13 +120,16 @@ class BlobOptimizer(Optimizer):
         blob_keys = {"kl_lr": kl_lr, "prior_std": prior_std, "kl_weight": 0.0}
         roles = {**{id(p): MEAN for p in means}, **{id(p): SIGMA for p in sigmas}}
         inner.param_groups[:] = [
-            {**group, **blob_keys} if group.get("role") else group for group in split_by_role(inner.param_groups, roles)
+            {**group, **blob_keys, "built_lr": group["lr"]} if group.get("role") else group
+            for group in split_by_role(inner.param_groups, roles)
         ]
-        # weight_decay: the σ step has none, and Axolotl ≥ 0.20 reads every group's on resume
-        own = [{"params": sigmas, "role": SIGMA, "lr": kl_lr, "weight_decay": 0.0, **blob_keys}] if sigma_update == "reference" and sigmas else []
-        super().__init__([*inner.param_groups, *own], defaults={"lr": kl_lr})
+        # lr: the configured learning_rate (the Trainer builds every optimizer with it as the default), scheduled as
+        # every other group's; weight_decay: the σ step has none, and Axolotl ≥ 0.20 reads every group's on resume;
+        # the inner defaults fill the rest (betas, …), which a scheduler may write into every group (OneCycleLR)
+        lr = inner.defaults["lr"]
+        own = [{"params": sigmas, "role": SIGMA, "lr": lr, "built_lr": lr, "weight_decay": 0.0, **blob_keys}] if sigma_update == "reference" and sigmas else []
+        super().__init__([*inner.param_groups, *own], defaults=inner.defaults)
         self.state = inner.state  # one state for every group: engines read optimizer.state[param] directly
-        self.defaults = inner.defaults
         self._own_groups = own
 
     @torch.no_grad()
@@ -160,7 +167,16 @@ class BlobOptimizer(Optimizer):
         saved = state_dict["own_groups"]
         if len(saved) != len(self._own_groups):
             raise ValueError(f"the saved BLoB optimizer has {len(saved)} σ groups, this one {len(self._own_groups)}")
+        if any("built_lr" not in hyperparameters for hyperparameters in saved):
+            raise ValueError(
+                "this checkpoint's BLoB optimizer predates the σ group's schedule at learning_rate (its lr was kl_lr-"
+                "based): it cannot be resumed exactly; start a new run from its adapter (lora_model_dir) instead"
+            )
+        built = [group.get("built_lr") for group in self.inner.param_groups]
         self.inner.load_state_dict(state_dict["inner"])  # may replace the inner groups and state by new objects
+        for group, built_lr in zip(self.inner.param_groups, built):
+            if built_lr is not None:
+                group["built_lr"] = built_lr  # this run's, recorded before its scheduler touched the group
         for group, hyperparameters in zip(self._own_groups, saved):
             group.update(hyperparameters)
         self.param_groups = [*self.inner.param_groups, *self._own_groups]
