@@ -138,10 +138,26 @@ def _fsdp_version(data: dict) -> int | None:
     return int(version or (2 if axolotl_version() >= (0, 21) else 1))
 
 
-IVON_UNDER_FSDP = (
-    "the sample m + σ⊙ε would have to be drawn on each DTensor shard before FSDP's all-gather in forward, with "
-    "per-rank noise seeds and one sample per step; not built, use DDP"
-)
+def check_ivon_fsdp(data: dict) -> None:
+    """`optimizer: ivon` under FSDP: FSDP2 only (IVON's state, sample and update live on the DTensor shards), with
+    gathered checkpoints, where the posterior is read back from."""
+    version = _fsdp_version(data)
+    if version == 1:
+        raise ValueError(
+            "optimizer: ivon with FSDP1: FSDP1 hands the optimizer flattened parameters whose shards split tensors "
+            "at arbitrary offsets, and IVON draws and updates its state on DTensor shards; set 'fsdp_version: 2'"
+        )
+    if version == 2:
+        fsdp_config = data.get("fsdp_config") or {}
+        state_dict_type = fsdp_config.get("state_dict_type") or fsdp_config.get("fsdp_state_dict_type")
+        if state_dict_type != "FULL_STATE_DICT":
+            raise ValueError(
+                f"optimizer: ivon with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' (now "
+                f"{state_dict_type!r}): IVON's posterior (σ from the Hessian in the optimizer state) is read back "
+                "from each checkpoint's gathered optimizer.bin, and a sharded checkpoint has none"
+            )
+
+
 RANK_SCHEDULING_UNDER_FSDP = "pruning reads and masks whole, unsharded factors; use DDP"
 
 
@@ -339,12 +355,11 @@ class BlobPluginArgs(BaseModel):
                 "optimizer: ivon with a DeepSpeed config that has its own 'optimizer' section: DeepSpeed would "
                 "silently replace IVON; remove the 'optimizer' section from the DeepSpeed JSON"
             )
+        check_ivon_fsdp(data)
         reject_keys(data, "optimizer: ivon", (
             ("deepspeed", "ZeRO hands the optimizer flat fp32 partitions the forward never reads: each sample "
              "m + σ⊙ε would have to be written into the rank's 16-bit partition and all-gathered before the forward, "
              "with per-rank noise seeds and one sample per step (ZeRO-3: gathered per layer in forward); not built, use DDP"),
-            ("fsdp", IVON_UNDER_FSDP),
-            ("fsdp_config", IVON_UNDER_FSDP),
             ("fp16", "the loss scaler would unscale only the last MC sample's gradient; use bf16 or fp32"),
             ("load_best_model_at_end", "the best checkpoint's weights would meet the last step's Hessian; remove it"),
             ("rl", "IVON's Trainer integration is for supervised (SFT / pretraining) training; remove 'rl'"),

@@ -213,9 +213,12 @@ ENGINE_BAD_INPUTS = [  # (case, base config, overrides, message naming the key a
     ("ivon with DeepSpeed", "ivon", {"deepspeed": ZERO2},
      r"optimizer: ivon cannot be combined with 'deepspeed': ZeRO hands the optimizer flat fp32 partitions .*; "
      r"not built, use DDP"),
-    ("ivon with FSDP2", "ivon", FSDP2,
-     r"optimizer: ivon cannot be combined with 'fsdp_config': the sample m \+ σ⊙ε would have to be drawn on each "
-     r"DTensor shard .*; not built, use DDP"),
+    ("ivon with FSDP1", "ivon", {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}},
+     r"optimizer: ivon with FSDP1: FSDP1 hands the optimizer flattened parameters .*; set 'fsdp_version: 2'"),
+    ("ivon with sharded FSDP2 checkpoints", "ivon",
+     {"fsdp_version": 2, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}},
+     r"optimizer: ivon with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' \(now 'SHARDED_STATE_DICT'\): "
+     r"IVON's posterior .* is read back from each checkpoint's gathered optimizer.bin"),
     ("adalora with DeepSpeed", "adalora", {"deepspeed": ZERO2},
      r"adapter: adalora cannot be combined with 'deepspeed': pruning edits weights in place, .*; use DDP"),
     ("adalora with FSDP2", "adalora", FSDP2,
@@ -257,6 +260,11 @@ def test_blob_on_fsdp2_passes_axolotl_validation(fsdp_config, tiny_model_dir, co
     cfg = validate(tmp_path, config)
     assert cfg.adapter == "blob" and cfg.fsdp_version == 2
     assert cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT" and cfg.fsdp_config.fsdp_version == 2
+
+
+def test_ivon_on_fsdp2_passes_axolotl_validation(tiny_model_dir, completion_data, tmp_path):
+    cfg = validate(tmp_path, ivon_base(tiny_model_dir, completion_data, tmp_path, **FSDP2))
+    assert cfg.optimizer == "ivon" and cfg.fsdp_version == 2 and cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT"
 
 
 def test_an_fsdp_config_without_a_version_is_read_as_axolotl_reads_it(tiny_model_dir, completion_data, tmp_path):

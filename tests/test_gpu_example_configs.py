@@ -60,8 +60,15 @@ def engine(path: Path) -> str:
     return "deepspeed" if raw.get("deepspeed") else "fsdp" if raw.get("fsdp_config") else "ddp"
 
 
-def test_the_three_recipes_ship():
-    assert sorted(engine(path) for path in GPU_EXAMPLES) == ["ddp", "deepspeed", "fsdp"]
+def method(path: Path) -> str:
+    raw = yaml.safe_load(path.read_text())
+    return "ivon" if raw.get("optimizer") == "ivon" else raw["adapter"]
+
+
+def test_the_recipes_ship():
+    assert sorted((method(path), engine(path)) for path in GPU_EXAMPLES) == [
+        ("blob", "ddp"), ("blob", "deepspeed"), ("blob", "fsdp"), ("ivon", "fsdp"),
+    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -87,7 +94,7 @@ def fake_hub(tmp_path, monkeypatch) -> Path:
 def test_gpu_example_config_validates_as_shipped(path, fake_hub, monkeypatch):
     from axolotl.cli.config import load_cfg
 
-    from axolotl_blob.args import check_blob_engine
+    from axolotl_blob.args import check_blob_engine, check_ivon_fsdp
 
     raw = yaml.safe_load(path.read_text())
     kind = engine(path)
@@ -102,10 +109,15 @@ def test_gpu_example_config_validates_as_shipped(path, fake_hub, monkeypatch):
     cfg = load_cfg(str(path))
 
     assert cfg.base_model == BASE_MODEL and cfg.model_config_type == "llama" and cfg.is_llama_derived_model
-    assert cfg.adapter == "blob" and "axolotl_blob.BlobPlugin" in cfg.plugins and cfg.blob["kl_lr"] == 0.002
+    assert "axolotl_blob.BlobPlugin" in cfg.plugins
+    if method(path) == "ivon":
+        assert cfg.adapter == "qlora" and cfg.optimizer == "ivon" and cfg.ivon["clip_radius"] == 0.001
+        check_ivon_fsdp(raw)  # what the plugin's validator ran inside load_cfg, on the same file
+    else:
+        assert cfg.adapter == "blob" and cfg.blob["kl_lr"] == 0.002
+        check_blob_engine(raw)
     assert cfg.load_in_4bit is True and cfg.attn_implementation == "flash_attention_2"
     assert cfg.bf16 is True and not cfg.fp16 and os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    check_blob_engine(raw)  # what the plugin's validator ran inside load_cfg, on the same file
     if kind == "deepspeed":
         zero = cfg.deepspeed["zero_optimization"]  # Axolotl read the shipped JSON
         assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
@@ -125,11 +137,12 @@ def test_gpu_example_config_validates_as_shipped(path, fake_hub, monkeypatch):
 
 
 def test_the_engine_check_reads_what_the_recipes_ship(monkeypatch):
-    """check_blob_engine accepts the shipped recipes because of the keys they set: without each, it refuses them."""
-    from axolotl_blob.args import check_blob_engine
+    """check_blob_engine and check_ivon_fsdp accept the shipped recipes because of the keys they set: without each,
+    they refuse them."""
+    from axolotl_blob.args import check_blob_engine, check_ivon_fsdp
 
     monkeypatch.chdir(ROOT)
-    by_engine = {engine(path): yaml.safe_load(path.read_text()) for path in GPU_EXAMPLES}
+    by_engine = {engine(path): yaml.safe_load(path.read_text()) for path in GPU_EXAMPLES if method(path) == "blob"}
     zero2 = by_engine["deepspeed"]
     deepspeed_json = json.loads(Path(zero2["deepspeed"]).read_text())
     del deepspeed_json["zero_force_ds_cpu_optimizer"]
@@ -139,3 +152,7 @@ def test_the_engine_check_reads_what_the_recipes_ship(monkeypatch):
     fsdp2["fsdp_config"]["state_dict_type"] = "SHARDED_STATE_DICT"
     with pytest.raises(ValueError, match="FULL_STATE_DICT"):
         check_blob_engine(fsdp2)
+    ivon = next(yaml.safe_load(path.read_text()) for path in GPU_EXAMPLES if method(path) == "ivon")
+    ivon["fsdp_config"]["state_dict_type"] = "SHARDED_STATE_DICT"
+    with pytest.raises(ValueError, match="optimizer: ivon with FSDP2 needs .*FULL_STATE_DICT"):
+        check_ivon_fsdp(ivon)

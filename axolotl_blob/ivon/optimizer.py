@@ -58,6 +58,19 @@ accumulation under ``no_sync``), pass ``sync=True``: ``step()`` then averages ĝ
 cannot desynchronise the training noise. Both generator states are in ``state_dict()``, so a resumed run draws
 the same noise as an uninterrupted one.
 
+Sharded parameters (FSDP2)
+--------------------------
+With parameters that are DTensors (``fully_shard``), the state, ĝ and ĥ live on each rank's local shard and every
+operation above runs on the elements the rank holds: ``sampled_params`` writes θ = m + σ ⊙ ε into the local shards
+(FSDP2's forward all-gathers them, so every rank computes with the same full sample) and puts m back on exit; the
+gradient that FSDP2 reduce-scatters into ``p.grad`` is already averaged over the ranks for the elements the rank
+owns, and ε is the owner's, so g ⊙ ε / σ is exact elementwise and ``sync`` is not needed (it is ignored for sharded
+parameters). Each element must be drawn once per sample, by its owner: ``noise`` chooses how (``shard_noise``
+module: rank streams seeded by the draw count, or one full-size stream sliced). State entries are DTensors placed as
+their parameters, so ``torch.distributed.checkpoint`` saves them sharded or gathered, and ``set_optimizer_state_dict``
+loads either. Each sample's gradient must reach the shards before the next sample is drawn: under gradient
+accumulation, keep FSDP2's gradient sync on for every micro-batch (``ivon.trainer.reduce_every_sample``).
+
 State is fp32 whatever the parameter dtype (fp64 for fp64 parameters): ``step``, ``momentum`` (ḡ), ``hess`` (h),
 plus, for bf16/fp16 parameters, ``mean``, an fp32 master copy of m (the parameter holds its rounding), so that
 updates far below the parameter's resolution are not lost. The sample θ is still rounded to the parameter's
@@ -81,9 +94,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_value
 
-from axolotl_blob.ivon.flat import FlatBucket, buckets_of
+from axolotl_blob.ivon.flat import FlatBucket, buckets_of, like_param, local_tensor
+from axolotl_blob.ivon.shard_noise import NOISE_LAYOUTS, NoiseLayout, local_part, shard_coordinates, stream_seed
 
 GradReduction = Literal["mean", "sum"]
 
@@ -113,6 +128,9 @@ class IVON(Optimizer):
         rescale_lr: use α' = α (h0 + δ) instead of α.
         grad_reduction: ``"mean"`` or ``"sum"`` over the samples folded into one step (module docstring).
         seed: seed of the noise generators; the same on every rank.
+        noise: how the ranks draw ε for sharded (DTensor) parameters: ``"shard"``, each rank its own elements from
+            its own stream, or ``"global"``, every rank the full ε from one stream, keeping its part (module
+            ``shard_noise``). Unsharded parameters always draw the full ε from the optimizer's generator.
         foreach: the update once over each flat state buffer (the default; per parameter, multi-tensor, for a
             step where some parameters have no gradient) or one tensor at a time (``False``: the same numbers, the
             temporaries of one tensor at a time). Sampling and the Hessian estimate run over the flat buffers either
@@ -137,6 +155,7 @@ class IVON(Optimizer):
         *,
         grad_reduction: GradReduction = "mean",
         seed: int = DEFAULT_SEED,
+        noise: NoiseLayout = "shard",
         foreach: bool | None = None,
     ) -> None:
         if not 0.0 <= lr:
@@ -159,6 +178,8 @@ class IVON(Optimizer):
             raise ValueError(f"Invalid hess_approx={hess_approx!r}: only 'price' is implemented")
         if grad_reduction not in ("mean", "sum"):
             raise ValueError(f"Invalid grad_reduction={grad_reduction!r} (must be 'mean' or 'sum')")
+        if noise not in NOISE_LAYOUTS:
+            raise ValueError(f"Invalid noise={noise!r} (must be one of {NOISE_LAYOUTS})")
 
         defaults = dict(
             lr=lr,
@@ -172,6 +193,9 @@ class IVON(Optimizer):
             debias=debias,
             rescale_lr=rescale_lr,
             foreach=foreach,
+            noise_seed=seed,  # with the draw counts, what a sharded group's noise streams are seeded from
+            noise_draws=0,
+            eval_noise_draws=0,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -182,6 +206,7 @@ class IVON(Optimizer):
         self.mc_samples = mc_samples
         self.sync = sync
         self.grad_reduction: GradReduction = grad_reduction
+        self.seed, self.noise = seed, noise
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_generator = torch.Generator().manual_seed(seed + _EVAL_SEED_OFFSET)
         self._pending = False  # a training sample whose gradient has not been read yet
@@ -196,6 +221,7 @@ class IVON(Optimizer):
             group.setdefault("rescale_lr", True)
             group.setdefault("foreach", None)
         self.__dict__.setdefault("_bucket_cache", {})
+        self.__dict__.setdefault("noise", "shard")
 
     # ---------------------------------------------------------------- posterior
 
@@ -210,7 +236,8 @@ class IVON(Optimizer):
         state = self.state.get(param, {})
         if "mean" in state:
             return state["mean"].clone()
-        mean = self._sampling.get(param, param) if self._sampling is not None else param
+        saved = self._sampling.get(param) if self._sampling is not None else None
+        mean = param if saved is None else like_param(param, saved)
         return mean.detach().to(_state_dtype(param), copy=True)
 
     def posterior_std(self, param: Tensor) -> Tensor:
@@ -262,8 +289,6 @@ class IVON(Optimizer):
             raise RuntimeError("IVON.sampled_params() contexts cannot be nested")
         if train and self._pending:
             self._fold(clear_grads=True)
-        if generator is None:
-            generator = self.generator if train else self.eval_generator
         self._perturb(train, generator)
         try:
             yield
@@ -283,6 +308,31 @@ class IVON(Optimizer):
         on the generator's device."""
         return torch.randn(sum(p.numel() for p in params), generator=generator, device=generator.device)
 
+    def _group_noise(self, index: int, group: dict, train: bool, generator: torch.Generator | None) -> Tensor:
+        """ε for the elements of the group this rank holds, flattened in group order (``generator``, when given,
+        replaces the stream). Sharded groups: the ``noise`` layout (module docstring). The draw counts and the seed
+        are group settings (in ``defaults``), so that every kind of checkpoint carries them:
+        ``torch.distributed.checkpoint`` loads only the keys a fresh optimizer already has."""
+        params = group["params"]
+        sharded = [isinstance(p, DTensor) for p in params]
+        if any(sharded) and not all(sharded):
+            raise ValueError(
+                "IVON: a param group mixes sharded (DTensor) and unsharded parameters; under FSDP2 shard every "
+                "trained module (fully_shard on the root covers the rest), or give them separate groups"
+            )
+        count_key = "noise_draws" if train else "eval_noise_draws"
+        draws = group.get(count_key, 0)
+        group[count_key] = draws + 1
+        shared = generator or (self.generator if train else self.eval_generator)
+        if not any(sharded):
+            return self._draw_noise(params, shared)
+        if self.noise == "global":
+            return local_part(self._draw_noise(params, shared), params)
+        if generator is None:
+            seed = stream_seed(group.get("noise_seed", self.seed), train, index, draws, *shard_coordinates(params))
+            generator = torch.Generator().manual_seed(seed)
+        return torch.randn(sum(local_tensor(p).numel() for p in params), generator=generator, device=generator.device)
+
     def _buckets(self, group: dict) -> list[FlatBucket]:
         """The group's parameters by (device, dtype), built once per group (again if its parameter list changed)."""
         params = group["params"]
@@ -293,10 +343,10 @@ class IVON(Optimizer):
         return cached[1]
 
     @torch.no_grad()
-    def _perturb(self, train: bool, generator: torch.Generator) -> None:
+    def _perturb(self, train: bool, generator: torch.Generator | None) -> None:
         saved: dict[Tensor, Tensor] = {}
-        for group in self.param_groups:
-            epsilon = self._draw_noise(group["params"], generator)
+        for index, group in enumerate(self.param_groups):
+            epsilon = self._group_noise(index, group, train, generator)
             for bucket in self._buckets(group):
                 self._ensure_state(bucket, group)
                 eps = bucket.take(epsilon).to(device=bucket.device, dtype=_state_dtype(bucket.params[0]))
@@ -305,7 +355,7 @@ class IVON(Optimizer):
                 if mean is None:  # the parameters hold m: keep an exact copy to restore
                     mean = bucket.flatten(bucket.params)
                     saved.update(zip(bucket.params, bucket.views(mean)))
-                torch._foreach_copy_(bucket.params, bucket.views(mean + eps / inverse_std))  # θ = m + σ ⊙ ε
+                torch._foreach_copy_(bucket.locals(), bucket.views(mean + eps / inverse_std))  # θ = m + σ ⊙ ε
                 if train:  # ĥ = g ⊙ ε / σ needs ε / σ: h does not move before the step that reads it
                     bucket.assign(self.state, "scaled_noise", eps * inverse_std)
         self._sampling = saved
@@ -314,9 +364,9 @@ class IVON(Optimizer):
     def _restore_means(self) -> None:
         assert self._sampling is not None
         params = [p for group in self.param_groups for p in group["params"]]
-        means = [self.state[p]["mean"] if "mean" in self.state[p] else self._sampling[p] for p in params]
+        means = [local_tensor(self.state[p]["mean"]) if "mean" in self.state[p] else self._sampling[p] for p in params]
         if params:
-            torch._foreach_copy_(params, means)
+            torch._foreach_copy_([local_tensor(p) for p in params], means)
         self._sampling = None
 
     def _drop_noise(self) -> None:
@@ -328,18 +378,18 @@ class IVON(Optimizer):
         """The bucket's state, created on first use as views of one flat tensor per key (entries already set, e.g.
         a Hessian written into ``state[p]`` by hand, are kept)."""
         dtype = _state_dtype(bucket.params[0])
-        initial = {
-            "step": lambda p: torch.tensor(0.0, dtype=torch.float32),
-            "momentum": lambda p: torch.zeros_like(p, dtype=dtype),
-            "hess": lambda p: torch.full_like(p, group["hess_init"], dtype=dtype),
+        initial = {  # from what the parameter holds on this rank
+            "step": lambda local: torch.tensor(0.0, dtype=torch.float32),
+            "momentum": lambda local: torch.zeros_like(local, dtype=dtype),
+            "hess": lambda local: torch.full_like(local, group["hess_init"], dtype=dtype),
         }
         if dtype != bucket.dtype:
-            initial["mean"] = lambda p: p.detach().to(dtype)
+            initial["mean"] = lambda local: local.detach().to(dtype)
         for key, make in initial.items():
             entries = [self.state[p].get(key) for p in bucket.params]
             if all(entry is not None for entry in entries):
                 continue
-            filled = [entry if entry is not None else make(p) for entry, p in zip(entries, bucket.params)]
+            filled = [entry if entry is not None else make(local) for entry, local in zip(entries, bucket.locals())]
             bucket.assign(self.state, key, bucket.flatten(filled))
 
     # ---------------------------------------------------------------- gradients
@@ -446,6 +496,13 @@ class IVON(Optimizer):
                 with torch.enable_grad():
                     losses.append(closure())
             loss = sum(losses) / len(losses)
+        if self._num_samples == 0 and not self.state and all(_get_value(g["lr"]) == 0 for g in self.param_groups):
+            # torch.distributed.checkpoint's set_optimizer_state_dict creates a fresh optimizer's state this way
+            # (zero gradients, lr 0) before loading into it: create the state, move nothing.
+            for group in self.param_groups:
+                for bucket in self._buckets(group):
+                    self._ensure_state(bucket, group)
+            return loss
         if self._num_samples == 0:
             raise RuntimeError(
                 "IVON.step() without a training sample: compute the loss and backward inside "
@@ -482,7 +539,8 @@ class IVON(Optimizer):
     ) -> None:
         """The update of one bucket: once over its flat state when every parameter moves and all are at the same
         step (the rule in training), else per parameter over the views of those that had a gradient."""
-        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        replicated = not bucket.sharded  # a shard's gradient arrives reduce-scattered: it is already the mean
+        if replicated and self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             grad, price = _all_reduce_mean([grad, price])
         steps, momentum, hess = (bucket.buffer(self.state, key) for key in ("step", "momentum", "hess"))
         master = bucket.buffer(self.state, "mean")
@@ -502,7 +560,7 @@ class IVON(Optimizer):
                 foreach=foreach is not False,
                 **settings,
             )
-        torch._foreach_copy_(bucket.params, bucket.views(mean))
+        torch._foreach_copy_(bucket.locals(), bucket.views(mean))
 
     # ---------------------------------------------------------------- checkpoints
 

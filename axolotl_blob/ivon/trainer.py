@@ -5,14 +5,19 @@ gradient accumulation every micro-batch is its own Monte-Carlo sample; entering 
 one's gradient in. The last sample's gradient is read by ``step()`` after the Trainer has clipped it. The Trainer
 scales each micro-batch loss by its share of the batch, hence ``grad_reduction="sum"``. Outside training steps the
 parameters hold the posterior mean: evaluation, checkpoints and the saved adapter see m.
+
+What happens around a micro-batch (``ivon_micro_batch``) is plain torch, so that it can be run, and tested, without the
+Trainer (FSDP2 runs through accelerate on GPUs only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.optim import Optimizer
 
 from transformers import Trainer
@@ -62,21 +67,39 @@ def ivon_optimizer_kwargs(settings: IvonSettings, ess: float, beta1: float, weig
     }
 
 
+def ivon_micro_batch(model: nn.Module, optimizer: IVON, samples: int, backward: Callable[[float], torch.Tensor]) -> torch.Tensor:
+    """One micro-batch as ``samples`` Monte-Carlo samples: each ``backward(1 / samples)`` (a forward and backward of
+    the micro-batch, its loss multiplied by the factor) runs with θ ~ N(m, σ²) in the parameters. Returns the sum of
+    the returned (scaled) losses.
+
+    Under FSDP2, each sample's gradient must be reduce-scattered into the shards before the next sample is drawn,
+    while accelerate's ``no_sync`` (every micro-batch of an accumulated step but the last) would keep the gradients
+    unsharded and reduce-scatter their sum at the last micro-batch, one gradient for several samples. The sync is
+    turned back on for the micro-batch (``no_sync`` turns it on anyway when it exits): a reduce-scatter per sample.
+    """
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(True)
+    losses = []
+    for _ in range(samples):
+        with optimizer.sampled_params(train=True):
+            losses.append(backward(1.0 / samples))
+    return torch.stack(losses).sum()
+
+
 class IvonTrainerMixin:
     """Mixed in front of the Trainer class; `ivon_settings` is set by the factory in the plugin."""
 
     ivon_settings: IvonSettings
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        optimizer = unwrap_optimizer(self.optimizer)
-        samples = self.ivon_settings.mc_samples
-        losses = []
-        for _ in range(samples):
-            with optimizer.sampled_params(train=True):
-                self._ivon_loss_scale = 1.0 / samples
-                losses.append(super().training_step(model, inputs, num_items_in_batch))
-        self._ivon_loss_scale = 1.0
-        return torch.stack(losses).sum()  # each already scaled by 1/mc_samples
+        def one_sample(scale: float) -> torch.Tensor:
+            self._ivon_loss_scale = scale
+            return super(IvonTrainerMixin, self).training_step(model, inputs, num_items_in_batch)
+
+        try:
+            return ivon_micro_batch(model, unwrap_optimizer(self.optimizer), self.ivon_settings.mc_samples, one_sample)
+        finally:
+            self._ivon_loss_scale = 1.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
