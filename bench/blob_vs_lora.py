@@ -22,38 +22,28 @@ from pathlib import Path
 
 import torch
 
-from axolotl_blob.blob.model import bayesianize
-from axolotl_blob.blob.optimizer import BlobOptimizer, set_kl_weight
-from axolotl_blob.blob.trainer import posterior_parameters
-from common import DEFAULT_MODEL, emit, interleaved_seconds, lora_model, summarise, token_batch
+from common import (
+    BLOB_ARMS,
+    DEFAULT_MODEL,
+    arm_optimizer,
+    bf16_autocast,
+    emit,
+    interleaved_seconds,
+    lora_model,
+    summarise,
+    token_batch,
+    training_step,
+)
 
-ARMS = {"lora": None, "blob_flipout": "flipout", "blob_rank_signs": "rank_signs"}
 
-
-def training_step(arm: str, model_path: Path | None, batch: torch.Tensor):
+def arm_step(arm: str, model_path: Path | None, batch: torch.Tensor):
     model = lora_model(model_path)
-    if ARMS[arm] is not None:
-        bayesianize(model, init_std=0.05, noise=ARMS[arm])
-    means, sigmas = posterior_parameters(model)
-    excluded = {id(g) for g in sigmas}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in excluded], lr=3e-4)
-    if ARMS[arm] is not None:
-        optimizer = BlobOptimizer(optimizer, means, sigmas, kl_lr=0.002, prior_std=0.2)
-        set_kl_weight(optimizer.param_groups, 0.01)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return training_step(model, arm_optimizer(model, BLOB_ARMS[arm]), batch, bf16_autocast("cpu"))
 
 
 def training_peak_rss_mb(arm: str, model_path: Path | None, length: int) -> float:
     """In this process: build the arm, reset the RSS high-water mark, run two steps at 8 × `length`, read it (MB)."""
-    step = training_step(arm, model_path, token_batch(8, length))
+    step = arm_step(arm, model_path, token_batch(8, length))
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
     step()
@@ -81,10 +71,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     batch = token_batch()
-    steps = {arm: training_step(arm, args.model, batch) for arm in ARMS}
+    steps = {arm: arm_step(arm, args.model, batch) for arm in BLOB_ARMS}
     result = {"benchmark": "training step, BLoB vs LoRA", **summarise(interleaved_seconds(steps, args.steps, args.rounds), "lora")}
     for length in args.memory_lengths:
-        peaks = {arm: peak_rss_mb(arm, args.model, length) for arm in ARMS}
+        peaks = {arm: peak_rss_mb(arm, args.model, length) for arm in BLOB_ARMS}
         result[f"peak_rss_mb_8x{length}"] = peaks
         result[f"peak_rss_ratio_to_lora_8x{length}"] = {arm: peak / peaks["lora"] for arm, peak in peaks.items()}
     emit(result, args.json)

@@ -31,7 +31,7 @@ from axolotl_blob.blob.model import bayesianize, blob_layers
 from axolotl_blob.calibration.scoring import choice_probabilities
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids, read_examples
 from axolotl_blob.sampling import BlobSampler
-from common import DEFAULT_MODEL, emit, lora_model
+from common import DEFAULT_MODEL, emit, lora_model, trained_looking
 
 AUTOCAST = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
 
@@ -93,11 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     examples = read_examples(args.data)[: args.examples]
-    model = lora_model(args.model).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02)  # a trained-looking adapter: the posterior moves the answers
+    model = trained_looking(lora_model(args.model)).eval()  # non-zero B: the posterior moves the answers
     bayesianize(model, init_std=0.1, noise="flipout")
 
     def set_noise(noise: str) -> None:

@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 
 from axolotl_blob.ivon import IVON
-from common import DEFAULT_MODEL, emit, interleaved_seconds, lora_model, summarise, token_batch
+from common import (
+    DEFAULT_MODEL,
+    AutocastFactory,
+    bf16_autocast,
+    emit,
+    forward_backward,
+    interleaved_seconds,
+    lora_model,
+    summarise,
+    token_batch,
+)
 
 IVON_KWARGS = dict(lr=0.03, ess=1e6, hess_init=3e-4, weight_decay=0.0, clip_radius=1e-3, rescale_lr=False)
 
@@ -39,7 +49,7 @@ def ivon_at_revision(revision: str) -> type:
 
 def optimizer_only_arms(params: list[torch.Tensor], before: str | None) -> dict:
     generator = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in params]
+    grads = [torch.randn(p.shape, generator=generator).to(p.device) * 1e-3 for p in params]
 
     def set_grads() -> None:
         for p, g in zip(params, grads):
@@ -76,26 +86,21 @@ def optimizer_only_arms(params: list[torch.Tensor], before: str | None) -> dict:
     return arms
 
 
-def training_arms(model_path: Path | None) -> dict:
-    batch = token_batch()
-
-    def forward_backward(model) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-
-    adamw_model, ivon_model = lora_model(model_path), lora_model(model_path)
+def training_arms(
+    adamw_model: torch.nn.Module, ivon_model: torch.nn.Module, batch: torch.Tensor, autocast: AutocastFactory
+) -> dict:
+    """A whole training step of each: AdamW, and IVON sampling the weights around forward and backward."""
     adamw = torch.optim.AdamW([p for p in adamw_model.parameters() if p.requires_grad], lr=3e-4)
     ivon_opt = IVON([p for p in ivon_model.parameters() if p.requires_grad], grad_reduction="sum", **IVON_KWARGS)
 
     def adamw_step() -> None:
-        forward_backward(adamw_model)
+        forward_backward(adamw_model, batch, autocast)
         adamw.step()
         adamw_model.zero_grad(set_to_none=True)
 
     def ivon_step() -> None:
         with ivon_opt.sampled_params(train=True):
-            forward_backward(ivon_model)
+            forward_backward(ivon_model, batch, autocast)
         ivon_opt.step()
         ivon_model.zero_grad(set_to_none=True)
 
@@ -115,7 +120,14 @@ def main() -> None:
     result = {
         "lora_parameters": sum(p.numel() for p in params),
         "optimizer_step": summarise(interleaved_seconds(optimizer_only_arms(params, args.before), args.steps, args.rounds), "adamw"),
-        "training_step": summarise(interleaved_seconds(training_arms(args.model), args.train_steps, args.rounds), "adamw"),
+        "training_step": summarise(
+            interleaved_seconds(
+                training_arms(lora_model(args.model), lora_model(args.model), token_batch(), bf16_autocast("cpu")),
+                args.train_steps,
+                args.rounds,
+            ),
+            "adamw",
+        ),
     }
     emit({"benchmark": "IVON vs AdamW", **result}, args.json)
 
