@@ -244,9 +244,10 @@ def save(model: nn.Module, opt: IVON, directory: Path, kind: str) -> None:
         dcp.save(state, checkpoint_id=str(directory))
         return
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = {"model": get_model_state_dict(model, options=options), "optimizer": get_optimizer_state_dict(model, opt, options=options)}
-    if dist.get_rank() == 0:
-        torch.save(state, directory / "full.pt")
+    model_state, optimizer_state = get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+    if dist.get_rank() == 0:  # as accelerate writes FULL_STATE_DICT checkpoints
+        torch.save(model_state, directory / "model.pt")
+        torch.save(optimizer_state, directory / "optimizer.bin")
     dist.barrier()
 
 
@@ -268,9 +269,9 @@ def load(model: nn.Module, opt: IVON, directory: Path, kind: str) -> None:
         set_optimizer_state_dict(model, opt, state["optimizer"])
         return
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    state = torch.load(directory / "full.pt") if dist.get_rank() == 0 else {"model": {}, "optimizer": {}}
-    set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, opt, state["optimizer"], options=options)
+    rank0 = dist.get_rank() == 0
+    set_model_state_dict(model, torch.load(directory / "model.pt") if rank0 else {}, options=options)
+    set_optimizer_state_dict(model, opt, torch.load(directory / "optimizer.bin") if rank0 else {}, options=options)
 
 
 def resume_worker(rank: int, port: int, directory: str, out: str) -> None:
@@ -283,10 +284,11 @@ def resume_worker(rank: int, port: int, directory: str, out: str) -> None:
     for kind in ("sharded", "full"):
         (Path(directory) / kind).mkdir(exist_ok=True)
         save(model, opt, Path(directory) / kind, kind)
+    saved = snapshot(model, opt)
     with opt.sampled_params(train=False):  # each rank draws its own elements, from its own stream
         noise = full(model.first.weight) - full(opt.posterior_mean(model.first.weight))
     train(model, opt, rows, range(2, 4))
-    results = {"uninterrupted": snapshot(model, opt), "noise": noise}
+    results = {"uninterrupted": snapshot(model, opt), "noise": noise, "saved": saved}
     for kind in ("sharded", "full"):
         model = Net(bf16=True)
         shard(model, mesh)
@@ -314,3 +316,20 @@ def test_sharded_and_full_checkpoints_resume_bit_identically(tmp_path):
             assert torch.equal(results[kind][name], value), f"{kind} checkpoint: {name}"
     rows = results["noise"].shape[0] // WORLD  # the shards' draws are not one stream repeated
     assert not torch.allclose(results["noise"][:rows], results["noise"][rows:])
+
+
+def test_the_gathered_checkpoint_gives_the_posterior_for_prediction(tmp_path):
+    """`optimizer.bin` as accelerate writes it under FSDP2 (FULL_STATE_DICT: the gathered state keyed by parameter
+    name) is what prediction reads IVON's posterior from (`ivon_from_checkpoint`)."""
+    from axolotl_blob.ivon.checkpoint import ivon_from_checkpoint
+
+    mp.spawn(resume_worker, args=(free_port(), str(tmp_path), str(tmp_path / "resumed.pt")), nprocs=WORLD, join=True)
+    saved = torch.load(tmp_path / "resumed.pt")["saved"]
+    model = Net(bf16=True)
+    opt = ivon_from_checkpoint(model, tmp_path / "full")
+    for name, p in model.named_parameters():
+        for key in ("hess", "momentum", "step") + (("mean",) if p.dtype == torch.bfloat16 else ()):
+            assert torch.equal(opt.state[p][key], saved[f"{name}.{key}"]), f"{name}.{key}"
+        group = opt._group_of(p)
+        expected_std = (saved[f"{name}.hess"] + group["weight_decay"]).mul(group["ess"]).rsqrt()
+        torch.testing.assert_close(opt.posterior_std(p), expected_std, rtol=0, atol=0)
