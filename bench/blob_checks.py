@@ -28,16 +28,16 @@ LOSS_DROP = 0.1  # nats; step-to-step noise on a fixed batch is ~0.01
 STANDARD_ERRORS = 6.0  # per output coordinate: a false alarm once in ~10⁹ coordinates
 
 
-def blob_check_model(make_model: ModelFactory, attention: str = "sdpa", noise: str = "flipout") -> nn.Module:
-    """A BLoB model whose noise visibly moves the outputs: B drawn non-zero, σ ∈ [0.02, 0.04]."""
-    model = trained_looking(make_model(attention), std=0.05)
-    bayesianize(model, init_std=0.2, noise=noise)
+def blob_check_model(make_model: ModelFactory) -> nn.Module:
+    """A BLoB model (sdpa attention, Flipout) whose noise visibly moves the outputs: B non-zero, σ ∈ [0.02, 0.04]."""
+    model = trained_looking(make_model("sdpa"), std=0.05)
+    bayesianize(model, init_std=0.2)
     return model
 
 
 def closed_form_variance(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Var[y_j] = s² Σ_k B_jk² Σ_i σ_ki² x_i² for one input row x (1 × d_in): the adapter's output variance under q(A),
-    whichever way A is sampled (fp64, with x and B as the bf16 matmuls see them)."""
+    """Var[y_j] = s² Σ_k B_jk² Σ_i σ_ki² x_i² for one input row x (1 × d_in): the adapter's output variance under
+    q(A), whichever way A is sampled (fp64, with x and B as the bf16 matmuls see them)."""
     b = layer.lora_B["default"].weight.to(x.dtype).double()
     sigma = posterior_std(layer.blob_G["default"]).double()
     per_rank = (sigma**2 * x.double() ** 2).sum(dim=1)
@@ -45,7 +45,10 @@ def closed_form_variance(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sampled_moments(model: nn.Module, layer: nn.Module, x: torch.Tensor, calls: int, rows: int, whole_weights: bool, autocast: AutocastFactory) -> dict:
+def sampled_moments(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor, calls: int, rows: int, whole_weights: bool,
+    autocast: AutocastFactory,
+) -> dict:  # fmt: skip
     """The layer's sampled outputs for `rows` copies of x per call, against the closed-form mean (the N = 0 output)
     and variance. Calls are independent draws, rows within a call may not be (they share the Gaussian draw), so
     standard errors come from the spread of the per-call statistics."""
@@ -77,17 +80,20 @@ def layer_moments(make_model: ModelFactory, device: str, autocast: AutocastFacto
     model = blob_check_model(make_model)
     _, layer, _ = next(blob_layers(model))
     x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
-    paths = {"flipout": ("flipout", False, rows), "rank_signs": ("rank_signs", False, rows), "whole_weights": ("flipout", True, 1)}
+    paths = {"flipout": ("flipout", False, rows), "rank_signs": ("rank_signs", False, rows)}
+    paths["whole_weights"] = ("flipout", True, 1)  # one draw per forward: one row per call
     result = {}
     for name, (noise, whole_weights, path_rows) in paths.items():
         layer.lora_variant["default"].noise = noise
         result[name] = sampled_moments(model, layer, x, calls, path_rows, whole_weights, autocast)
-    passed = all(r["max_mean_error_over_allowance"] <= 1 and r["max_variance_error_over_allowance"] <= 1 for r in result.values())
-    return {**result, "passed": passed}
+    within = [r["max_mean_error_over_allowance"] <= 1 and r["max_variance_error_over_allowance"] <= 1 for r in result.values()]
+    return {**result, "passed": all(within)}
 
 
 @torch.no_grad()
-def sampled_and_mean_logits(model: nn.Module, ids: torch.Tensor, seed: int, autocast: AutocastFactory) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_and_mean_logits(
+    model: nn.Module, ids: torch.Tensor, seed: int, autocast: AutocastFactory
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of one seeded posterior draw and of the posterior mean (fp32)."""
     torch.manual_seed(seed)
     with autocast(), posterior_sampling(model, enabled=True):
@@ -98,22 +104,25 @@ def sampled_and_mean_logits(model: nn.Module, ids: torch.Tensor, seed: int, auto
 
 def set_attention(model: nn.Module, implementation: str) -> None:
     """Switch the attention kernel of a (PEFT-wrapped) transformers model in place."""
-    base = model.get_base_model()
-    if hasattr(base, "set_attn_implementation"):
-        base.set_attn_implementation(implementation)
-    else:  # transformers < 4.48 reads the config at every forward
-        base.config._attn_implementation = implementation
+    model.get_base_model().set_attn_implementation(implementation)
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def attention_kernels(make_model: ModelFactory, device: str, autocast: AutocastFactory, tokens: tuple[int, int], kernels: dict[str, tuple[str, SDPBackend | None]]) -> dict:
+def attention_kernels(
+    make_model: ModelFactory,
+    device: str,
+    autocast: AutocastFactory,
+    tokens: tuple[int, int],
+    kernels: dict[str, tuple[str, SDPBackend | None]],
+) -> dict:
     """With the noise fixed (the same seed before each forward), another attention kernel (`kernels`: name →
     transformers' attn_implementation and, for sdpa, the backend forced) moves a sampled BLoB forward no more than
     it moves the posterior mean's, while another seed moves it by far more: the posterior lives in the linear
-    layers, so the draws cannot depend on the kernel. The reference is sdpa as torch dispatches it."""
+    layers, so the draws cannot depend on the kernel. The reference is sdpa as torch dispatches it; a kernel that
+    refuses the input (a forced backend's constraints) is recorded as unavailable."""
     model = blob_check_model(make_model)
     ids = token_batch(*tokens, high=model.config.vocab_size).to(device)
     sampled, mean = sampled_and_mean_logits(model, ids, 1, autocast)
@@ -123,25 +132,31 @@ def attention_kernels(make_model: ModelFactory, device: str, autocast: AutocastF
             set_attention(model, implementation)
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                 other_sampled, other_mean = sampled_and_mean_logits(model, ids, 1, autocast)
-        except (RuntimeError, ImportError, ValueError) as error:  # the kernel is not there for this input
-            differences[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        except (RuntimeError, ImportError, ValueError) as error:  # e.g. a forced sdpa backend refuses this input
+            differences[name] = {"unavailable": f"{type(error).__name__}: {error}"[:300]}
             continue
         finally:
             set_attention(model, "sdpa")
         of_mean = relative_difference(other_mean, mean)
-        differences[name] = {"sampled": relative_difference(other_sampled, sampled), "posterior_mean": of_mean, "allowance": MEAN_MULTIPLE * of_mean + KERNEL_MARGIN}
+        differences[name] = {
+            "sampled": relative_difference(other_sampled, sampled),
+            "posterior_mean": of_mean,
+            "allowance": MEAN_MULTIPLE * of_mean + KERNEL_MARGIN,
+        }
     another_draw = relative_difference(sampled_and_mean_logits(model, ids, 2, autocast)[0], sampled)
     compared = [d for d in differences.values() if "sampled" in d]
     return {
         "relative_difference_to_sdpa": differences,
         "relative_difference_of_another_draw": another_draw,
-        "passed": len(compared) == len(kernels)
+        "passed": bool(compared)
         and all(d["sampled"] <= d["allowance"] for d in compared)
         and another_draw > 10 * max(d["sampled"] for d in compared),
     }
 
 
-def training_loss_falls(make_model: ModelFactory, device: str, autocast: AutocastFactory, tokens: tuple[int, int], steps: int) -> dict:
+def training_loss_falls(
+    make_model: ModelFactory, device: str, autocast: AutocastFactory, tokens: tuple[int, int], steps: int
+) -> dict:
     """A short BLoB training run (AdamW in BLoB's optimizer, each noise path) on a batch of 64 distinct tokens: the
     loss must fall well below the uniform guess over the vocabulary within `steps` steps."""
     batch = token_batch(*tokens, high=74).to(device)
