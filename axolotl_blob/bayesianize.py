@@ -7,7 +7,8 @@ The base model and tokenizer come from the config, as `evaluate` loads them; the
 config's multiple-choice training data. The search runs in fp32 whatever the config trains in: the change it
 bounds (0.3 % of the anchors' NLL) is below bf16's rounding. On the demo's LoRA one bf16 pass with σ_q = 1e-6
 already moved that NLL by 5–47 %, in fp32 by 0.003 %. DIR receives a plain PEFT LoRA adapter (the same mean function,
-re-parameterised), the BLoB posterior beside it, and `tfb.json` (σ_q and the search).
+re-parameterised), the BLoB posterior beside it, and `tfb.json` (σ_q and the search). stdout gets the search and its
+result only; logs go to stderr.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import torch
 
 from axolotl_blob.blob.model import bayesianize, blob_layers, save_posterior
 from axolotl_blob.blob.tfb import bayesianize_tfb
-from axolotl_blob.evaluate import inference_device_and_autocast, load_adapter_model
+from axolotl_blob.blob.trainer import posterior_spec
+from axolotl_blob.cli import HelpFormatter, results_only_stdout
+from axolotl_blob.evaluate import load_adapter_model
 from axolotl_blob.io import write_json
-from axolotl_blob.multiple_choice import label_token_ids, read_examples
+from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, label_token_ids, read_examples
+from axolotl_blob.run_config import blob_settings, inference_device_and_autocast, load_tokenizer, read_config
 from axolotl_blob.saved_adapter import check_lora_adapter
 
-MULTIPLE_CHOICE_TYPE = "axolotl_blob.multiple_choice"
 TOLERANCES = {"nll": 0.003, "flip": 0.01}  # the paper's
 
 
@@ -43,20 +46,29 @@ def anchor_examples(cfg, count: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(examples, min(count, len(examples)))
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m axolotl_blob.bayesianize", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m axolotl_blob.bayesianize", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("config", help="the Axolotl YAML config the adapter was trained with (base model, data)")
     parser.add_argument("--adapter", required=True, type=Path, help="directory of a PEFT LoRA adapter")
     parser.add_argument("--out", required=True, type=Path, help="directory for the BLoB adapter")
-    parser.add_argument("--samples", type=int, default=10, help="posterior samples per BMA in the search (10)")
-    parser.add_argument("--anchors", type=int, default=200, help="anchor questions from the training data (200)")
+    parser.add_argument("--samples", type=int, default=10, help="posterior samples per BMA in the search")
+    parser.add_argument("--anchors", type=int, default=200, help="anchor questions from the training data")
     parser.add_argument("--metric", choices=("nll", "flip"), default="nll",
                         help="nll: relative change of the NLL of the mean model's answers; flip: answers that change")  # fmt: skip
-    parser.add_argument("--tolerance", type=float, default=None, help="allowed change (0.003 for nll, 0.01 for flip)")
-    parser.add_argument("--sigma-min", type=float, default=1e-5, help="lower end of the σ_q search (1e-5)")
-    parser.add_argument("--sigma-max", type=float, default=0.015, help="upper end of the σ_q search (0.015)")
-    parser.add_argument("--steps", type=int, default=6, help="geometric bisection steps (6)")
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts per forward (calibration.batch_size or 8)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="allowed change (default: 0.003 for nll, 0.01 for flip)")  # fmt: skip
+    parser.add_argument("--sigma-min", type=float, default=1e-5, help="lower end of the σ_q search")
+    parser.add_argument("--sigma-max", type=float, default=0.015, help="upper end of the σ_q search")
+    parser.add_argument("--steps", type=int, default=6, help="geometric bisection steps")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="prompts per forward (default: calibration.batch_size, else 8)")  # fmt: skip
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.samples < 1 or args.anchors < 1 or args.steps < 0:
         parser.error("--samples and --anchors must be >= 1, --steps >= 0")
@@ -67,24 +79,23 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
 
 def main(argv: list[str] | None = None) -> dict:
     parser, args = parse_args(argv)
-    from axolotl.cli.config import load_cfg
-    from axolotl.loaders import load_tokenizer
+    with results_only_stdout() as results:
+        return _run(parser, args, results)
 
-    from axolotl_blob.blob.trainer import posterior_spec
-    from axolotl_blob.plugin import blob_settings
 
-    cfg = load_cfg(args.config)
-    seed = cfg.seed or 0
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[args.metric]
-    batch_size = args.batch_size or (cfg.calibration or {}).get("batch_size") or 8
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> dict:
     try:  # every input checked before any weights load
+        cfg = read_config(args.config)
         if check_lora_adapter(args.adapter, cfg.base_model).get("use_dora"):
             raise ValueError(f"{args.adapter}: a DoRA adapter; BLoB's posterior (and so TFB's) has no DoRA form")
-        anchors = anchor_examples(cfg, args.anchors, seed)
-        tokenizer = load_tokenizer(cfg)
+        anchors = anchor_examples(cfg, args.anchors, cfg.seed or 0)
+        tokenizer = load_tokenizer(cfg, args.adapter)
         label_token_ids(tokenizer, max(len(e["choices"]) for e in anchors))
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
+    seed = cfg.seed or 0
+    tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[args.metric]
+    batch_size = args.batch_size or (cfg.calibration or {}).get("batch_size") or 8
 
     start = time.perf_counter()
     device, _ = inference_device_and_autocast(cfg)
@@ -115,10 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.out / "tfb.json", record)
     for step in record["search"]:
         verdict = "within" if step["change"] <= tolerance else "over"
-        print(f"  σ_q = {step['sigma_q']:.6f}: {args.metric} change {step['change']:.5f} ({verdict} {tolerance:g})")
+        line = f"  σ_q = {step['sigma_q']:.6f}: {args.metric} change {step['change']:.5f} ({verdict} {tolerance:g})"
+        print(line, file=results)
     print(
         f"TFB: σ_q = {result.sigma_q:.6f} over {result.layers} LoRA layers ({len(anchors)} anchors, N = {args.samples}, "
-        f"{result.zero_singular_values} zero singular values), {seconds:.1f} s; BLoB adapter written to {args.out}"
+        f"{result.zero_singular_values} zero singular values), {seconds:.1f} s; BLoB adapter written to {args.out}",
+        file=results,
     )
     return record
 

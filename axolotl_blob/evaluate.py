@@ -2,14 +2,15 @@
 
     python -m axolotl_blob.evaluate CONFIG --adapter DIR [--samples N] [--json OUT] [--mc-dropout | --fit-temperature FILE]
 
-The base model and tokenizer come from the config, exactly as training loaded them; a BLoB adapter directory
-(one with blob_posterior.safetensors) is evaluated with its full posterior, anything else as a point estimate.
+The base model comes from the config, in the dtype training loaded it in, the tokenizer from the adapter directory
+(where training saved it; else the config's); a BLoB adapter directory (one with blob_posterior.safetensors) is
+evaluated with its full posterior, anything else as a point estimate. stdout gets the report only (the metrics table,
+and the fitted temperature); logs go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -17,8 +18,16 @@ import torch
 
 from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, read_posterior_spec
 from axolotl_blob.calibration.report import format_table, scalar_metrics
+from axolotl_blob.cli import HelpFormatter, results_only_stdout
 from axolotl_blob.io import non_finite_as_null, write_json
 from axolotl_blob.multiple_choice import read_examples
+from axolotl_blob.run_config import (
+    calibration_evaluator,
+    inference_device_and_autocast,
+    load_tokenizer,
+    model_dtype,
+    read_config,
+)
 from axolotl_blob.sampling import DropoutSampler, sampler_for
 
 
@@ -26,7 +35,7 @@ def load_adapter_model(cfg, adapter_dir: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=cfg.torch_dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=model_dtype(cfg))
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     if not missing_posterior_files(adapter_dir):
         spec = read_posterior_spec(adapter_dir)
@@ -35,33 +44,40 @@ def load_adapter_model(cfg, adapter_dir: Path):
     return model
 
 
-def inference_device_and_autocast(cfg):
-    """The GPU when there is one, and bf16 autocast when the config trains in bf16 (as training scored)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.bf16 is True else contextlib.nullcontext
-    return device, autocast
-
-
-def main(argv: list[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(prog="python -m axolotl_blob.evaluate", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m axolotl_blob.evaluate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("config", help="the Axolotl YAML config (its calibration: block names the datasets)")
     parser.add_argument("--adapter", required=True, type=Path, help="directory of the saved adapter")
-    parser.add_argument("--samples", type=int, default=None, help="posterior samples; 0 = posterior mean")
-    parser.add_argument("--json", type=Path, default=None, help="write {dataset: {acc, ece, …, aurc_by_confidence, …, ood_auroc_by_mutual_info}}")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="posterior samples; 0 = posterior mean (default: calibration.samples, else the posterior "
+                             "source's eval_samples, 0 for a point estimate)")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write {dataset: {acc, ece, …, aurc_by_confidence, …, ood_auroc_by_mutual_info}} "
+                             "(default: no file)")  # fmt: skip
     posthoc = parser.add_mutually_exclusive_group()
     posthoc.add_argument("--mc-dropout", action="store_true", help="MC dropout: the N samples keep the (LoRA) dropout on")
     posthoc.add_argument(
         "--fit-temperature", type=Path, default=None, metavar="FILE",
-        help="temperature scaling: fit T on this multiple-choice JSONL (held-out training examples), then evaluate logits / T",
+        help="temperature scaling: fit T on this multiple-choice JSONL (held-out training examples), then evaluate "
+             "logits / T (default: no temperature)",
     )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    with results_only_stdout() as results:
+        return _run(parser, args, results)
 
-    from axolotl.cli.config import load_cfg
-    from axolotl.loaders import load_tokenizer
 
-    from axolotl_blob.plugin import calibration_evaluator
-
-    cfg = load_cfg(args.config)
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> dict[str, dict]:
+    try:
+        cfg = read_config(args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not cfg.calibration:
         parser.error(f"{args.config} has no 'calibration:' block naming datasets to evaluate")
     if not (args.adapter / "adapter_config.json").is_file():
@@ -74,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     torch.manual_seed(cfg.seed or 0)
     device, autocast = inference_device_and_autocast(cfg)
-    model, tokenizer = load_adapter_model(cfg, args.adapter).to(device), load_tokenizer(cfg)
+    model, tokenizer = load_adapter_model(cfg, args.adapter).to(device), load_tokenizer(cfg, args.adapter)
     extra = {}
     if args.fit_temperature:
         from axolotl_blob.calibration.temperature import TemperatureScaled, choice_log_probs, fit_temperature
@@ -82,11 +98,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         held_out = read_examples(args.fit_temperature)
         log_probs = choice_log_probs(model, tokenizer, held_out, evaluator.settings.batch_size, autocast)
         extra["temperature"] = fit_temperature(log_probs, torch.tensor([e["answer"] for e in held_out]))
-        print(f"temperature T = {extra['temperature']:.4f}, fitted on {len(held_out)} examples of {args.fit_temperature}")
+        fitted = f"fitted on {len(held_out)} examples of {args.fit_temperature}"
+        print(f"temperature T = {extra['temperature']:.4f}, {fitted}", file=results)
         model = TemperatureScaled(model, extra["temperature"])
     sampler = DropoutSampler(model) if args.mc_dropout else sampler_for(model)
     reports = evaluator.evaluate(model, tokenizer, sampler, autocast=autocast)
-    print(format_table(reports))
+    print(format_table(reports), file=results)
     summary = {name: {**scalar_metrics(report), **extra} for name, report in reports.items()}
     if args.json:
         write_json(args.json, non_finite_as_null(summary))

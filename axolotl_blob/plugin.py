@@ -17,7 +17,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 from transformers import set_seed
 
-from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings, MultipleChoiceSettings, RankSchedulerSettings
+from axolotl_blob.args import MultipleChoiceSettings, RankSchedulerSettings
 from axolotl_blob.blob.model import (
     POSTERIOR_CONFIG_FILE,
     POSTERIOR_FILE,
@@ -31,7 +31,6 @@ from axolotl_blob.blob.model import (
 )
 from axolotl_blob.blob.trainer import blob_trainer_cls, posterior_spec
 from axolotl_blob.calibration.callback import CalibrationCallback
-from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.checkpoints import check_resumable, resume_checkpoint
 from axolotl_blob.compat import (
     configure_cpu_runs,
@@ -48,34 +47,14 @@ from axolotl_blob.rank.adalora import load_adalora
 from axolotl_blob.rank.budget import check_steps
 from axolotl_blob.rank.trainer import STATE_FILE as RANK_STATE_FILE
 from axolotl_blob.rank.trainer import rank_trainer_cls
+from axolotl_blob.run_config import blob_settings, calibration_evaluator, ivon_settings
 
 LOG = get_logger(__name__)
-get_logger("axolotl_blob")  # level of the package's stdlib loggers (compat, rank, …): their INFO lines reach Axolotl's log
-
-
-def blob_settings(cfg: DictDefault) -> BlobSettings:
-    return BlobSettings(**dict(cfg.blob or {}))
-
-
-def ivon_settings(cfg: DictDefault) -> IvonSettings:
-    return IvonSettings(**dict(cfg.ivon or {}))
+get_logger("axolotl_blob")  # the level of the package's stdlib loggers (compat, rank): their INFO lines reach the log
 
 
 def rank_scheduler_settings(cfg: DictDefault) -> RankSchedulerSettings:
     return RankSchedulerSettings(**dict(cfg.rank_scheduler))
-
-
-def calibration_evaluator(cfg: DictDefault, samples: int | None = None) -> CalibrationEvaluator:
-    """The `calibration:` block with its sample count resolved: explicit, else the posterior source's own."""
-    settings = CalibrationSettings(**dict(cfg.calibration))
-    if samples is None:
-        samples = settings.samples
-    if samples is None:
-        if cfg.optimizer == "ivon":
-            samples = ivon_settings(cfg).eval_samples
-        else:
-            samples = blob_settings(cfg).eval_samples if cfg.adapter == "blob" else 0
-    return CalibrationEvaluator(settings, samples)
 
 
 def uses_plugin_features(cfg: DictDefault | dict) -> bool:
@@ -267,7 +246,7 @@ class BlobPlugin(BasePlugin):
             return []
         evaluator = calibration_evaluator(cfg)
         evaluator.check_tokenizer(trainer.processing_class)  # fail now, not after training
-        return [CalibrationCallback(trainer, evaluator)]
+        return [CalibrationCallback(trainer, evaluator, blob_settings(cfg).eval_draws)]
 
     def post_train(self, cfg: DictDefault, model):
         """Axolotl saves the final adapter; the posterior goes beside it, gathered on every rank (ZeRO-3, FSDP2) and

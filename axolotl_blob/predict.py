@@ -7,7 +7,8 @@ One JSON line per question: the chosen answer, its probability, every choice's p
 H(p̄), the mutual information (its epistemic part, H(p̄) − mean_n H(p_n)) and whether it abstained. The
 probabilities are the calibration evaluator's (the same prompts, label tokens and posterior averaging). Posterior
 sources: a BLoB or TFB adapter (N Flipout draws), an IVON checkpoint (N weight draws from its optimizer state),
-or a plain LoRA adapter (one pass, N = 0).
+or a plain LoRA adapter (one pass, N = 0). stdout gets the JSON lines only; logs, the progress bar and the closing
+summary go to stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from axolotl_blob.calibration.metrics import entropy
 from axolotl_blob.calibration.scoring import AutocastFactory, ordered_choice_probabilities
+from axolotl_blob.cli import HelpFormatter, results_only_stdout
 from axolotl_blob.multiple_choice import LABELS
 from axolotl_blob.sampling import PosteriorSampler
 
@@ -99,7 +101,7 @@ def _summary(predictions: list[Prediction], n_samples: int) -> str:
 
 def default_samples(cfg, has_blob_posterior: bool, has_ivon_state: bool) -> int:
     """The posterior source's own count: blob/ivon eval_samples, 10 for a TFB adapter, 0 for a point estimate."""
-    from axolotl_blob.plugin import blob_settings, ivon_settings
+    from axolotl_blob.run_config import blob_settings, ivon_settings
 
     if cfg.optimizer == "ivon":
         return ivon_settings(cfg).eval_samples if has_ivon_state else 0
@@ -108,46 +110,53 @@ def default_samples(cfg, has_blob_posterior: bool, has_ivon_state: bool) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> list[Prediction]:
-    parser = argparse.ArgumentParser(prog="python -m axolotl_blob.predict", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m axolotl_blob.predict", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("config", help="the Axolotl YAML config the adapter was trained with (base model, tokenizer)")
     parser.add_argument("--adapter", required=True, type=Path, help="BLoB, TFB or LoRA adapter, or an IVON checkpoint-N")
     parser.add_argument("--input", required=True, type=Path, help="JSONL: {question, choices, optional id and answer}")
-    parser.add_argument("--samples", type=int, default=None, help="posterior samples; 0 = one pass at the mean")
-    parser.add_argument("--abstain-below", type=float, default=None, help="abstain where the answer's probability < P")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="posterior samples; 0 = one pass at the mean (default: blob.eval_samples or "
+                             "ivon.eval_samples, 10 for a TFB adapter, 0 for a plain LoRA adapter)")  # fmt: skip
+    parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
+                        help="abstain where the answer's probability < P (default: never)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=None, help="write the JSON lines here (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Prediction]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 0:
         parser.error("--samples must be >= 0")
     if args.abstain_below is not None and not 0 <= args.abstain_below <= 1:
         parser.error(f"--abstain-below must be a probability in [0, 1], got {args.abstain_below}")
 
-    results = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # Axolotl logs (its whole config, …) to stdout: keep it for results
+    with results_only_stdout() as results:
         return _run(parser, args, results)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> list[Prediction]:
-    from axolotl.cli.config import load_cfg
-    from axolotl.loaders import load_tokenizer
-
     from axolotl_blob.blob.model import missing_posterior_files
-    from axolotl_blob.evaluate import inference_device_and_autocast, load_adapter_model
+    from axolotl_blob.evaluate import load_adapter_model
     from axolotl_blob.io import write_text
     from axolotl_blob.ivon.checkpoint import OPTIMIZER_FILE, ivon_from_checkpoint
     from axolotl_blob.ivon.trainer import IvonSampler
     from axolotl_blob.multiple_choice import label_token_ids, read_examples
+    from axolotl_blob.run_config import inference_device_and_autocast, load_tokenizer, read_config
     from axolotl_blob.sampling import sampler_for
     from axolotl_blob.saved_adapter import check_lora_adapter
 
-    cfg = load_cfg(args.config)
     try:  # every input checked before any weights load
+        cfg = read_config(args.config)
         if not args.input.is_file():
             raise FileNotFoundError(f"--input {args.input}: no such file")
         questions = read_examples(args.input, require_answer=False)
         check_lora_adapter(args.adapter, cfg.base_model)
-        tokenizer = load_tokenizer(cfg)
+        tokenizer = load_tokenizer(cfg, args.adapter)
         label_token_ids(tokenizer, max(len(q["choices"]) for q in questions))
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))

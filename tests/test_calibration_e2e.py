@@ -57,6 +57,7 @@ def test_post_hoc_evaluation_reproduces_the_final_numbers(calibrated_run, tmp_pa
     args = [str(workdir / "config.yml"), "--adapter", str(out), "--json", str(summary)]
     result = run_module("axolotl_blob.evaluate", args, workdir)
     assert "calibration (posterior samples N = 0)" in result.stdout
+    assert '"base_model"' not in result.stdout  # the report only: no config dump
     posthoc = json.loads(summary.read_text())["colors"]
     final = json.loads((out / "calibration" / "step-12.json").read_text())["datasets"]["colors"]
     for metric in METRICS:

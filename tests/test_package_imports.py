@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import subprocess_env
+import yaml
+from conftest import color_questions, subprocess_env, tiny_blob_model, write_jsonl
 
 import axolotl_blob
+from axolotl_blob.blob.model import PosteriorSpec, save_posterior
 
 SCIENCE = (
     "axolotl_blob.ivon",
@@ -31,13 +33,18 @@ SCIENCE = (
     "axolotl_blob.rank.trainer",
 )
 
-# Run with `python -c`: Axolotl (and pydantic, which only the plugin's config schema needs) cannot be imported.
-WITHOUT_AXOLOTL = """
+COMMANDS = (  # and what they import when they run
+    "axolotl_blob.predict", "axolotl_blob.evaluate", "axolotl_blob.bayesianize", "axolotl_blob.run_config",
+    "axolotl_blob.ivon.checkpoint", "axolotl_blob.saved_adapter", "axolotl_blob.calibration.temperature",
+)  # fmt: skip
+
+# Run with `python -c`: the packages named in ABSENT cannot be imported; then the modules named on the command line are.
+IMPORTS = """
 import importlib, json, sys
 
 class Absent:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("axolotl", "pydantic"):
+        if name.partition(".")[0] in ABSENT:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, Absent())
@@ -48,6 +55,10 @@ except ModuleNotFoundError:
     pass
 for module in sys.argv[1:]:
     importlib.import_module(module)
+"""
+
+# Axolotl and pydantic (which only the config schema needs) absent: the science imports, and IVON trains.
+WITHOUT_AXOLOTL = 'ABSENT = ("axolotl", "pydantic")' + IMPORTS + """
 
 import torch
 from axolotl_blob import IVON
@@ -88,6 +99,27 @@ def test_science_imports_and_ivon_trains_without_axolotl(tmp_path):
     assert report["ivon_sampler"]
     assert losses[-1] < 0.2 * losses[0], losses
     assert len(set(report["draws"])) == 3  # three distinct weight samples around the mean
+
+
+def test_predict_runs_without_axolotl_and_prints_json_lines_only(tiny_model_dir, tmp_path):
+    model = tiny_blob_model(tiny_model_dir, init_std=0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    save_posterior(model, tmp_path / "adapter", PosteriorSpec(prior_std=0.2, init_std=0.3))
+    config = {"base_model": str(tiny_model_dir), "adapter": "blob", "bf16": False, "blob": {"eval_samples": 2}}
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    unanswered = [{key: value for key, value in q.items() if key != "answer"} for q in color_questions(3, seed=1)]
+    questions = write_jsonl(tmp_path / "q.jsonl", unanswered)
+    argv = ["predict", str(tmp_path / "config.yml"), "--adapter", str(tmp_path / "adapter"), "--input", str(questions)]
+    run = f"import runpy; sys.argv = {argv!r}; runpy.run_module('axolotl_blob.predict', run_name='__main__')"
+    script = 'ABSENT = ("axolotl",)' + IMPORTS + run
+    result = subprocess.run(
+        [sys.executable, "-c", script, *COMMANDS],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # stdout holds the answers and nothing else
+    assert [line["id"] for line in lines] == ["color-1-0", "color-1-1", "color-1-2"]
+    assert "3 questions, N = 2" in result.stderr
 
 
 def test_plugin_by_name_and_entry_point():
