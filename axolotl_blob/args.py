@@ -138,6 +138,16 @@ def _fsdp_version(data: dict) -> int | None:
     return int(version or (2 if axolotl_version() >= (0, 21) else 1))
 
 
+IVON_UNDER_ZERO = (
+    "ZeRO hands IVON the rank's flat fp32 partition, which the forward never reads (measured on 2 ranks, "
+    "bench/sharded_engines_probe.py zero2-ivon: a sample written there changes the forward by 0 until DeepSpeed's "
+    "update_lp_params copies and all-gathers every partition, and bringing the mean back takes a second all-gather), "
+    "and it sums the micro-batches' gradients into that partition, so that only one sample per optimizer step, shared "
+    "by its micro-batches, could be exact (ZeRO-3 steps flat fp32 partitions too); not built, use DDP or FSDP2 "
+    "(fsdp_version: 2)"
+)
+
+
 def check_ivon_fsdp(data: dict) -> None:
     """`optimizer: ivon` under FSDP: FSDP2 only (IVON's state, sample and update live on the DTensor shards), with
     gathered checkpoints, where the posterior is read back from."""
@@ -158,7 +168,17 @@ def check_ivon_fsdp(data: dict) -> None:
             )
 
 
-RANK_SCHEDULING_UNDER_FSDP = "pruning reads and masks whole, unsharded factors; use DDP"
+RANK_SCHEDULING_UNDER_FSDP = (
+    "its scores and masks would work on FSDP2's DTensor shards (measured on 2 ranks, bench/sharded_engines_probe.py "
+    "fsdp2-rank: scores need one length-r reduction per module, masks none), but the scheduler's state, saved "
+    "pattern and final rank cut are written for whole factors; not built, use DDP"
+)
+ADALORA_UNDER_FSDP = (
+    "AdaLoRA's orthogonality regulariser ‖QQᵀ − I‖ needs every module's whole Q (r × d_in), which FSDP2 shards by "
+    "rank rows: measured on 2 ranks (bench/sharded_engines_probe.py fsdp2-rank), Q is all-gathered twice in forward "
+    "and once in backward per module and micro-batch (the importance scores need only a length-r reduction); not "
+    "built, use DDP"
+)
 
 
 def check_blob_engine(data: dict) -> None:
@@ -357,9 +377,7 @@ class BlobPluginArgs(BaseModel):
             )
         check_ivon_fsdp(data)
         reject_keys(data, "optimizer: ivon", (
-            ("deepspeed", "ZeRO hands the optimizer flat fp32 partitions the forward never reads: each sample "
-             "m + σ⊙ε would have to be written into the rank's 16-bit partition and all-gathered before the forward, "
-             "with per-rank noise seeds and one sample per step (ZeRO-3: gathered per layer in forward); not built, use DDP"),
+            ("deepspeed", IVON_UNDER_ZERO),
             ("fp16", "the loss scaler would unscale only the last MC sample's gradient; use bf16 or fp32"),
             ("load_best_model_at_end", "the best checkpoint's weights would meet the last step's Hessian; remove it"),
             ("rl", "IVON's Trainer integration is for supervised (SFT / pretraining) training; remove 'rl'"),
@@ -472,8 +490,8 @@ class BlobPluginArgs(BaseModel):
                 ("peft_layer_replication", "PEFT's AdaLoRA has no layer replication; remove it"),
                 ("peft_trainable_token_indices", "PEFT's AdaLoRA has no trainable tokens; remove it"),
                 ("deepspeed", "pruning edits weights in place, which ZeRO's partitions would overwrite; use DDP"),
-                ("fsdp", "pruning reads and edits whole, unsharded factors; use DDP"),
-                ("fsdp_config", "pruning reads and edits whole, unsharded factors; use DDP"),
+                ("fsdp", ADALORA_UNDER_FSDP),
+                ("fsdp_config", ADALORA_UNDER_FSDP),
                 *(
                     (kernel, "Axolotl's fused LoRA kernels are for adapter: lora; remove it")
                     for kernel in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")

@@ -211,8 +211,8 @@ ENGINE_BAD_INPUTS = [  # (case, base config, overrides, message naming the key a
     ("blob with FSDP2 and no state dict type", "blob", {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
      r"adapter: blob with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' \(now None\)"),
     ("ivon with DeepSpeed", "ivon", {"deepspeed": ZERO2},
-     r"optimizer: ivon cannot be combined with 'deepspeed': ZeRO hands the optimizer flat fp32 partitions .*; "
-     r"not built, use DDP"),
+     r"optimizer: ivon cannot be combined with 'deepspeed': ZeRO hands IVON the rank's flat fp32 partition, which the "
+     r"forward never reads \(measured on 2 ranks, .*\).*; not built, use DDP or FSDP2 \(fsdp_version: 2\)"),
     ("ivon with FSDP1", "ivon", {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}},
      r"optimizer: ivon with FSDP1: FSDP1 hands the optimizer flattened parameters .*; set 'fsdp_version: 2'"),
     ("ivon with sharded FSDP2 checkpoints", "ivon",
@@ -222,11 +222,15 @@ ENGINE_BAD_INPUTS = [  # (case, base config, overrides, message naming the key a
     ("adalora with DeepSpeed", "adalora", {"deepspeed": ZERO2},
      r"adapter: adalora cannot be combined with 'deepspeed': pruning edits weights in place, .*; use DDP"),
     ("adalora with FSDP2", "adalora", FSDP2,
-     r"adapter: adalora cannot be combined with 'fsdp_config': pruning reads and edits whole, unsharded factors; use DDP"),
+     r"adapter: adalora cannot be combined with 'fsdp_config': AdaLoRA's orthogonality regulariser ‖QQᵀ − I‖ needs every "
+     r"module's whole Q .*: measured on 2 ranks \(bench/sharded_engines_probe.py fsdp2-rank\), Q is all-gathered "
+     r"twice in forward and once in backward .*; not built, use DDP"),
     ("blob rank scheduling with DeepSpeed", "adalora", {**BLOB_RANK, "deepspeed": ZERO2},
      r"rank_scheduler cannot be combined with 'deepspeed': pruning reads and masks whole factors .*; use DDP"),
     ("blob rank scheduling with FSDP2", "adalora", {**BLOB_RANK, **FSDP2},
-     r"rank_scheduler cannot be combined with 'fsdp_config': pruning reads and masks whole, unsharded factors; use DDP"),
+     r"rank_scheduler cannot be combined with 'fsdp_config': its scores and masks would work on FSDP2's DTensor shards "
+     r"\(measured on 2 ranks, bench/sharded_engines_probe.py fsdp2-rank: .*\), but the scheduler's state, saved "
+     r"pattern and final rank cut are written for whole factors; not built, use DDP"),
 ]  # fmt: skip
 
 
