@@ -143,7 +143,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     from axolotl_blob.blob.model import missing_posterior_files
     from axolotl_blob.evaluate import load_adapter_model
     from axolotl_blob.io import write_text
-    from axolotl_blob.ivon.checkpoint import OPTIMIZER_FILE, ivon_from_checkpoint
+    from axolotl_blob.ivon.checkpoint import OPTIMIZER_FILE, ivon_from_checkpoint, optimizer_file
     from axolotl_blob.ivon.trainer import IvonSampler
     from axolotl_blob.multiple_choice import label_token_ids, read_examples
     from axolotl_blob.run_config import inference_device_and_autocast, load_tokenizer, read_config
@@ -160,7 +160,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
         label_token_ids(tokenizer, max(len(q["choices"]) for q in questions))
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
-    has_ivon_state = (args.adapter / OPTIMIZER_FILE).is_file()
+    has_ivon_state = optimizer_file(args.adapter) is not None  # optimizer.pt, or FSDP2's gathered optimizer.bin
     n_samples = args.samples
     if n_samples is None:
         n_samples = default_samples(cfg, not missing_posterior_files(args.adapter), has_ivon_state)
