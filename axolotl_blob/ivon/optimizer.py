@@ -69,7 +69,7 @@ parameters). Each element must be drawn once per sample, by its owner: ``noise``
 module: rank streams seeded by the draw count, or one full-size stream sliced). State entries are DTensors placed as
 their parameters, so ``torch.distributed.checkpoint`` saves them sharded or gathered, and ``set_optimizer_state_dict``
 loads either. Each sample's gradient must reach the shards before the next sample is drawn: under gradient
-accumulation, keep FSDP2's gradient sync on for every micro-batch (``ivon.trainer.reduce_every_sample``).
+accumulation, keep FSDP2's gradient sync on for every micro-batch (``ivon.trainer.ivon_micro_batch`` does).
 
 State is fp32 whatever the parameter dtype (fp64 for fp64 parameters): ``step``, ``momentum`` (ḡ), ``hess`` (h),
 plus, for bf16/fp16 parameters, ``mean``, an fp32 master copy of m (the parameter holds its rounding), so that
@@ -123,7 +123,7 @@ class IVON(Optimizer):
         mc_samples: samples per ``step(closure)`` (the closure is called this many times).
         hess_approx: only ``"price"`` (accepted for signature compatibility with ``ivon-opt``).
         clip_radius: elementwise clip of the preconditioned update.
-        sync: average ĝ and ĥ over torch.distributed ranks at ``step()`` (see the module docstring).
+        sync: average ĝ and ĥ of unsharded parameters over torch.distributed ranks at ``step()`` (module docstring).
         debias: divide ḡ by 1 − β1^t.
         rescale_lr: use α' = α (h0 + δ) instead of α.
         grad_reduction: ``"mean"`` or ``"sum"`` over the samples folded into one step (module docstring).
@@ -334,7 +334,8 @@ class IVON(Optimizer):
         return torch.randn(sum(local_tensor(p).numel() for p in params), generator=generator, device=generator.device)
 
     def _buckets(self, group: dict) -> list[FlatBucket]:
-        """The group's parameters by (device, dtype), built once per group (again if its parameter list changed)."""
+        """The group's parameters by (device, dtype, sharded), built once per group (again if its parameter list
+        changed: accelerate swaps in FSDP2's sharded parameters after the optimizer is built)."""
         params = group["params"]
         cached = self._bucket_cache.get(id(group))
         if cached is None or len(cached[0]) != len(params) or not all(map(operator.is_, cached[0], params)):
