@@ -20,6 +20,10 @@
    its state counts one process while DeepSpeed's own group has all of them (DeepSpeed then refuses the batch
    size the Trainer computed for one process). There the backend is gloo, what DeepSpeed falls back to without
    oneCCL (:func:`patch_deepspeed_cpu_backend`).
+6. `axolotl train` runs `accelerate launch`, which sets OMP_NUM_THREADS=1 where it is unset: a one-process CPU run
+   then trains on one core. Nothing in the run's environment tells that value from one the user chose (accelerate
+   copies either into the same variable), so the thread count is left alone and the log says how to get every core
+   (:func:`one_thread_warning`).
 The plugin installs these only in runs that use one of its features (plugin.py), so an auto-loaded but unused
 plugin changes nothing; each is installed once per process, acts only when its condition holds at call time,
 and says so in the log when it acts.
@@ -31,7 +35,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -93,6 +97,26 @@ def configure_cpu_runs(deepspeed: bool = False) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
         if is_global_main_process():
             LOG.info("axolotl_blob: no GPU: ACCELERATE_USE_CPU=true, so multi-process runs train with DDP on the CPU")
+
+
+def one_thread_warning(environ: Mapping[str, str], cores: int, threads: int, gpu: bool) -> str | None:
+    """What to tell a one-process CPU run that torch holds to one thread by OMP_NUM_THREADS=1 where more cores are
+    free (see 6. above); None for every other run."""
+    one_process = int(environ.get("WORLD_SIZE", "1")) == 1
+    if gpu or not one_process or cores < 2 or threads != 1 or environ.get("OMP_NUM_THREADS") != "1":
+        return None
+    return (
+        f"axolotl_blob: training on 1 CPU thread of {cores}: OMP_NUM_THREADS=1, which `accelerate launch` (run by "
+        "`axolotl train`) sets when it is unset. `axolotl train CONFIG --launcher python` trains one process on "
+        "every core; or set OMP_NUM_THREADS to the threads you want"
+    )
+
+
+def warn_if_one_thread() -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    message = one_thread_warning(os.environ, cores, torch.get_num_threads(), not cpu_only())
+    if message:
+        LOG.warning(message)
 
 
 def patch_p2p_probe() -> None:

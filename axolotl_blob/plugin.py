@@ -38,6 +38,7 @@ from axolotl_blob.compat import (
     patch_deepspeed_cpu_backend,
     patch_model_loader,
     patch_p2p_probe,
+    warn_if_one_thread,
 )
 from axolotl_blob.engines import is_global_main_process, process_group_gone
 from axolotl_blob.ivon.optimizer import IVON
@@ -152,6 +153,7 @@ class BlobPlugin(BasePlugin):
         patch_model_loader()  # each patch acts only when its condition holds (compat.py)
         patch_p2p_probe()
         configure_cpu_runs(deepspeed=bool(cfg.get("deepspeed")))
+        warn_if_one_thread()
         if cfg.get("deepspeed"):
             patch_deepspeed_cpu_backend()
 
