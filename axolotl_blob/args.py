@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from axolotl_blob.blob.layer import DEFAULT_EVAL_DRAWS
 from axolotl_blob.blob.model import missing_posterior_files
 from axolotl_blob.compat import axolotl_version
 from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, choice_count, read_examples
@@ -69,6 +70,17 @@ class BlobSettings(StrictBlock):
     )
     train_samples: int = Field(1, ge=1, description="posterior samples per training forward (NLL averaged)")
     eval_samples: int = Field(10, ge=0, description="posterior samples averaged at evaluation; 0 = posterior mean")
+    eval_draws: Literal["per_token", "whole_weights"] = Field(
+        DEFAULT_EVAL_DRAWS,
+        description="how evaluation samples q(A) (calibration, evaluate, predict, the BMA eval loss, TFB's search; saved "
+        "with the posterior): per_token: the training noise path's per-token draws (Flipout under noise: flipout, the "
+        "reference's evaluation); whole_weights: one A per layer and forward, shared by every token",
+    )
+    clip_sigma_grad: bool = Field(
+        True,
+        description="false (the reference): max_grad_norm clips every other parameter, and G's NLL gradient is neither "
+        "clipped nor counted in the global norm (needs sigma_update: reference, and no DeepSpeed)",
+    )
     init_missing_posterior: bool = Field(
         False,
         description="with lora_model_dir holding a plain LoRA adapter: start σ fresh instead of failing",
@@ -225,6 +237,20 @@ def check_blob_engine(data: dict) -> None:
                 f"{state_dict_type!r}): every checkpoint's adapter and posterior are written from the gathered "
                 "state dict, and a sharded one writes neither"
             )
+
+
+def check_unclipped_sigma(data: dict, settings: dict) -> None:
+    """`blob.clip_sigma_grad: false` leaves G out of the Trainer's clipping; what must hold for that."""
+    if settings.get("sigma_update") == "optimizer":
+        raise ValueError(
+            "blob.clip_sigma_grad: false needs blob.sigma_update: reference (G outside the Trainer's optimizer, as in "
+            "the reference); under 'optimizer' G's clipped gradient feeds AdamW: remove one of the two"
+        )
+    if data.get("deepspeed"):
+        raise ValueError(
+            "blob.clip_sigma_grad: false with DeepSpeed: its engine clips every parameter it steps (gradient_clipping "
+            "from max_grad_norm), G included; remove clip_sigma_grad, or train without DeepSpeed (DDP, FSDP2)"
+        )
 
 
 class CalibrationDataset(StrictBlock):
@@ -418,6 +444,8 @@ class BlobPluginArgs(BaseModel):
         ))  # fmt: skip
         check_blob_engine(data)
         settings = data.get("blob") or {}
+        if isinstance(settings, dict) and settings.get("clip_sigma_grad") is False:
+            check_unclipped_sigma(data, settings)
         model_dir = data.get("lora_model_dir")
         if model_dir and not (isinstance(settings, dict) and settings.get("init_missing_posterior")):
             if not Path(model_dir).is_dir():

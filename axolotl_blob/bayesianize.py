@@ -1,7 +1,8 @@
 """Training-free Bayesianization (TFB) of a trained LoRA adapter into a BLoB adapter, with no retraining.
 
     python -m axolotl_blob.bayesianize CONFIG --adapter LORA_DIR --out DIR [--samples N] [--anchors N]
-        [--metric nll|flip] [--tolerance T] [--sigma-min S] [--sigma-max S] [--steps K]
+        [--metric nll|flip|nll_reference] [--tolerance T] [--sigma-min S] [--sigma-max S] [--steps K]
+        [--draws per_token|whole_weights]
 
 The base model and tokenizer come from the config, as `evaluate` loads them; the anchor set is drawn from the
 config's multiple-choice training data. The search runs in fp32 whatever the config trains in: the change it
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from axolotl_blob.blob.model import bayesianize, blob_layers, save_posterior
-from axolotl_blob.blob.tfb import bayesianize_tfb
+from axolotl_blob.blob.tfb import SEARCH_DEFAULTS, bayesianize_tfb
 from axolotl_blob.blob.trainer import posterior_spec
 from axolotl_blob.cli import HelpFormatter, results_only_stdout
 from axolotl_blob.evaluate import load_adapter_model
@@ -30,8 +31,6 @@ from axolotl_blob.io import write_json
 from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, label_token_ids, read_examples
 from axolotl_blob.run_config import blob_settings, inference_device_and_autocast, load_tokenizer, read_config
 from axolotl_blob.saved_adapter import check_lora_adapter
-
-TOLERANCES = {"nll": 0.003, "flip": 0.01}  # the paper's
 
 
 def anchor_examples(cfg, count: int, seed: int) -> list[dict]:
@@ -54,14 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, type=Path, help="directory of a PEFT LoRA adapter")
     parser.add_argument("--out", required=True, type=Path, help="directory for the BLoB adapter")
     parser.add_argument("--samples", type=int, default=10, help="posterior samples per BMA in the search")
-    parser.add_argument("--anchors", type=int, default=200, help="anchor questions from the training data")
-    parser.add_argument("--metric", choices=("nll", "flip"), default="nll",
-                        help="nll: relative change of the NLL of the mean model's answers; flip: answers that change")  # fmt: skip
+    parser.add_argument("--anchors", type=int, default=None,
+                        help="anchor questions from the training data (default: 200; 500 for nll_reference)")  # fmt: skip
+    parser.add_argument("--metric", choices=tuple(SEARCH_DEFAULTS), default="nll",
+                        help="nll: relative change of the NLL of the mean model's answers; flip: answers that change; "
+                             "nll_reference: the reference code's rule, which the papers' tables used (that NLL change "
+                             "divided by the number of anchors; arithmetic bisection; the top of the final bracket)")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=None,
-                        help="allowed change (default: 0.003 for nll, 0.01 for flip)")  # fmt: skip
-    parser.add_argument("--sigma-min", type=float, default=1e-5, help="lower end of the σ_q search")
-    parser.add_argument("--sigma-max", type=float, default=0.015, help="upper end of the σ_q search")
-    parser.add_argument("--steps", type=int, default=6, help="geometric bisection steps")
+                        help="allowed change (default: 0.003 for nll and nll_reference, 0.01 for flip)")  # fmt: skip
+    parser.add_argument("--sigma-min", type=float, default=None,
+                        help="lower end of the σ_q search (default: 1e-5; 0.001 for nll_reference)")  # fmt: skip
+    parser.add_argument("--sigma-max", type=float, default=None, help="upper end of the σ_q search (default: 0.015)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="bisection steps (default: 6 geometric; 5 arithmetic for nll_reference)")  # fmt: skip
+    parser.add_argument("--draws", choices=("per_token", "whole_weights"), default=None,
+                        help="how the search's BMA samples the posterior, saved with it for evaluation (default: "
+                             "blob.eval_draws of the config)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per forward (default: calibration.batch_size, else 8)")  # fmt: skip
     return parser
@@ -70,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    defaults = SEARCH_DEFAULTS[args.metric]  # what the metric's rule searches with, where no flag says otherwise
+    for name, value in (("anchors", defaults.anchors), ("tolerance", defaults.tolerance), ("steps", defaults.steps),
+                        ("sigma_min", defaults.sigma_range[0]), ("sigma_max", defaults.sigma_range[1])):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.samples < 1 or args.anchors < 1 or args.steps < 0:
         parser.error("--samples and --anchors must be >= 1, --steps >= 0")
     if not 0 < args.sigma_min < args.sigma_max:
@@ -94,18 +106,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     seed = cfg.seed or 0
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[args.metric]
+    tolerance = args.tolerance
     batch_size = args.batch_size or (cfg.calibration or {}).get("batch_size") or 8
 
     start = time.perf_counter()
     device, _ = inference_device_and_autocast(cfg)
     model = load_adapter_model(cfg, args.adapter).to(device, torch.float32)  # see the module docstring
     settings = blob_settings(cfg)
+    settings = settings.model_copy(update={"eval_draws": args.draws or settings.eval_draws})
     if next(blob_layers(model), None) is None:  # a BLoB input already has its layers; TFB replaces its σ
         bayesianize(model, settings.init_std, noise=settings.noise)
     result = bayesianize_tfb(
         model, tokenizer, anchors, args.samples, args.metric, tolerance, (args.sigma_min, args.sigma_max),
-        args.steps, seed, batch_size,
+        args.steps, seed, batch_size, settings.eval_draws,
     )  # fmt: skip
     model.save_pretrained(str(args.out))
     save_posterior(model, args.out, posterior_spec(settings))
@@ -118,6 +131,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
         "tolerance": tolerance,
         "samples": args.samples,
         "anchors": len(anchors),
+        "eval_draws": settings.eval_draws,
         "search": [{"sigma_q": sigma, "change": change} for sigma, change in result.trace],
         "layers": result.layers,
         "zero_singular_values": result.zero_singular_values,

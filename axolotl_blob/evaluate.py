@@ -1,6 +1,7 @@
 """Post-hoc calibration evaluation of a saved adapter (BLoB or plain LoRA) on a config's calibration datasets.
 
-    python -m axolotl_blob.evaluate CONFIG --adapter DIR [--samples N] [--json OUT] [--mc-dropout | --fit-temperature FILE]
+    python -m axolotl_blob.evaluate CONFIG --adapter DIR [--samples N] [--json OUT] [--draws per_token|whole_weights]
+        [--mc-dropout | --fit-temperature FILE]
 
 The base model comes from the config, in the dtype training loaded it in, the tokenizer from the adapter directory
 (where training saved it; else the config's); a BLoB adapter directory (one with blob_posterior.safetensors) is
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from axolotl_blob.blob.model import bayesianize, load_posterior, missing_posterior_files, read_posterior_spec
+from axolotl_blob.blob.model import (
+    bayesianize,
+    load_posterior,
+    missing_posterior_files,
+    read_posterior_spec,
+    saved_eval_draws,
+)
 from axolotl_blob.calibration.report import format_table, scalar_metrics
 from axolotl_blob.cli import HelpFormatter, results_only_stdout
 from axolotl_blob.io import non_finite_as_null, write_json
@@ -56,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None,
                         help="write {dataset: {acc, ece, …, aurc_by_confidence, …, ood_auroc_by_mutual_info}} "
                              "(default: no file)")  # fmt: skip
+    parser.add_argument("--draws", choices=("per_token", "whole_weights"), default=None,
+                        help="how a BLoB posterior is sampled: per-token draws of its noise path, or one A per layer "
+                             "and forward (default: as saved with it, blob_config.json's eval_draws)")  # fmt: skip
     posthoc = parser.add_mutually_exclusive_group()
     posthoc.add_argument("--mc-dropout", action="store_true", help="MC dropout: the N samples keep the (LoRA) dropout on")
     posthoc.add_argument(
@@ -101,7 +111,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
         fitted = f"fitted on {len(held_out)} examples of {args.fit_temperature}"
         print(f"temperature T = {extra['temperature']:.4f}, {fitted}", file=results)
         model = TemperatureScaled(model, extra["temperature"])
-    sampler = DropoutSampler(model) if args.mc_dropout else sampler_for(model)
+    draws = args.draws or saved_eval_draws(args.adapter)
+    if not (args.mc_dropout or missing_posterior_files(args.adapter)):
+        extra["eval_draws"] = draws  # a BLoB posterior's scores name how it was sampled
+    sampler = DropoutSampler(model) if args.mc_dropout else sampler_for(model, draws=draws)
     reports = evaluator.evaluate(model, tokenizer, sampler, autocast=autocast)
     print(format_table(reports), file=results)
     summary = {name: {**scalar_metrics(report), **extra} for name, report in reports.items()}

@@ -1,12 +1,12 @@
 """Answer multiple-choice questions with a calibrated probability, and abstain where it is too low.
 
     python -m axolotl_blob.predict CONFIG --adapter DIR --input questions.jsonl [--samples N]
-        [--abstain-below P] [--output predictions.jsonl]
+        [--abstain-below P] [--output predictions.jsonl] [--draws per_token|whole_weights]
 
 One JSON line per question: the chosen answer, its probability, every choice's probability, the predictive entropy
 H(p̄), the mutual information (its epistemic part, H(p̄) − mean_n H(p_n)) and whether it abstained. The
 probabilities are the calibration evaluator's (the same prompts, label tokens and posterior averaging). Posterior
-sources: a BLoB or TFB adapter (N Flipout draws), an IVON checkpoint (N weight draws from its optimizer state),
+sources: a BLoB or TFB adapter (N draws, as its saved eval_draws or --draws says), an IVON checkpoint (N weight draws from its optimizer state),
 or a plain LoRA adapter (one pass, N = 0). stdout gets the JSON lines only; logs, the progress bar and the closing
 summary go to stderr.
 """
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="abstain where the answer's probability < P (default: never)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=None, help="write the JSON lines here (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass")
+    parser.add_argument("--draws", choices=("per_token", "whole_weights"), default=None,
+                        help="how a BLoB posterior is sampled: per-token draws of its noise path, or one A per layer "
+                             "and forward (default: as saved with it, blob_config.json's eval_draws)")  # fmt: skip
     return parser
 
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> list[Prediction]:
-    from axolotl_blob.blob.model import missing_posterior_files
+    from axolotl_blob.blob.model import missing_posterior_files, saved_eval_draws
     from axolotl_blob.evaluate import load_adapter_model
     from axolotl_blob.io import write_text
     from axolotl_blob.ivon.checkpoint import OPTIMIZER_FILE, ivon_from_checkpoint, optimizer_file
@@ -177,7 +180,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     if cfg.optimizer == "ivon" and n_samples > 0:
         sampler = IvonSampler(ivon_from_checkpoint(model, args.adapter))
     else:
-        sampler = sampler_for(model)
+        sampler = sampler_for(model, draws=args.draws or saved_eval_draws(args.adapter))
     n_samples = sampler.samples_used(n_samples)
     predictions = []
     lines = []

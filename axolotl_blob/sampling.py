@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from axolotl_blob.blob.layer import DEFAULT_EVAL_DRAWS, EvalDraws
 from axolotl_blob.blob.model import blob_layers, posterior_sampling
 from axolotl_blob.multiple_choice import choice_log_probs
 
@@ -78,15 +79,21 @@ class DropoutSampler:
         return n_samples
 
 
-def sampler_for(model: nn.Module, optimizer=None) -> PosteriorSampler:
-    """The model's posterior source: IVON's optimizer state, BLoB layers, or none (a point estimate)."""
+def blob_sampler(model: nn.Module, draws: EvalDraws) -> BlobSampler:
+    """BLoB's sampler for a `blob.eval_draws` setting."""
+    return BlobSampler(model, whole_weights=draws == "whole_weights")
+
+
+def sampler_for(model: nn.Module, optimizer=None, draws: EvalDraws = DEFAULT_EVAL_DRAWS) -> PosteriorSampler:
+    """The model's posterior source: IVON's optimizer state, BLoB layers (sampled as `draws` says), or none (a point
+    estimate)."""
     from axolotl_blob.ivon.optimizer import IVON
     from axolotl_blob.ivon.trainer import IvonSampler, unwrap_optimizer
 
     optimizer = unwrap_optimizer(optimizer)
     if isinstance(optimizer, IVON):
         return IvonSampler(optimizer)
-    return BlobSampler(model) if next(blob_layers(model), None) else DeterministicSampler()
+    return blob_sampler(model, draws) if next(blob_layers(model), None) else DeterministicSampler()
 
 
 def log_mean_exp(log_probs_per_draw: Iterable[torch.Tensor]) -> torch.Tensor:

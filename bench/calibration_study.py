@@ -12,7 +12,8 @@ at-end calibration. A run already in the results file is skipped, so the study c
 
 ``search`` never sees the validation headlines: it trains on 80 % of the training file and scores the other 20 %
 (the slice temperature scaling is fitted on too), varying one knob at a time around the example config unless
-``--grid`` says otherwise. Its lines go to ``bench/results/calibration_search.jsonl``.
+``--grid`` says otherwise. Its lines go to ``bench/results/calibration_search.jsonl``. A knob of the evaluation alone
+(``blob.eval_draws``) re-scores the training of the point without it instead of training again.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ SEARCH_KNOBS = {  # knob → (config path, values tried one at a time around the
     "sigma_update": ("blob.sigma_update", ["optimizer"]),
     "likelihood": ("multiple_choice.likelihood", ["choices"]),
     "lm_head": ("lora_target_modules", [["q_proj", "v_proj", "lm_head"]]),
+    "eval_draws": ("blob.eval_draws", ["per_token", "whole_weights"]),
 }
+EVAL_KNOBS = {"blob.eval_draws": "--draws"}  # config path → the `evaluate` flag that sets it; no training of its own
 
 
 # --------------------------------------------------------------------------- configs and processes
@@ -214,7 +217,7 @@ def in_training_metrics(directory: Path) -> dict:
     return {name: scalar(report) for name, report in json.loads(reports[-1].read_text())["datasets"].items()}
 
 
-def evaluate(arm_name: str, arm: Arm, directory: Path, setting: Setting) -> tuple[dict, float]:
+def evaluate(arm_name: str, arm: Arm, directory: Path, setting: Setting, extra_flags: tuple[str, ...] = ()) -> tuple[dict, float]:
     config, adapter = directory / "config.yml", directory / "out"
     seconds = 0.0
     if arm.tfb:
@@ -225,7 +228,7 @@ def evaluate(arm_name: str, arm: Arm, directory: Path, setting: Setting) -> tupl
             command = [sys.executable, "-m", "axolotl_blob.bayesianize", str(config), "--adapter", str(adapter), "--out", str(tfb_dir)]
             seconds += run(command + anchors, directory / "tfb.log")
         adapter = tfb_dir
-    flags = list(arm.flags)
+    flags = [*arm.flags, *extra_flags]
     training = TRAININGS[arm.training]
     if training.held_out_split:
         flags += ["--fit-temperature", str(truncated(splits(train_file(training))[1], setting.eval_limit))]
@@ -293,13 +296,17 @@ def run_search(grid: list[str], seeds: list[int], setting: Setting) -> None:
         if (key, seed) in done:
             print(f"skip {key} seed {seed}")
             continue
+        trained = {path: value for path, value in point.items() if path not in EVAL_KNOBS}
+        scored = {path: value for path, value in point.items() if path in EVAL_KNOBS}
         knobs = {}
-        for path, value in point.items():
+        for path, value in trained.items():
             knobs = set_path(knobs, path, value)
-        name = "search-" + ("-".join(f"{p.split('.')[-1]}={v}" for p, v in point.items()) or "example").replace("/", "_")
+        name = "search-" + ("-".join(f"{p.split('.')[-1]}={v}" for p, v in trained.items()) or "example").replace("/", "_")
         name = name.replace("[", "").replace("]", "").replace("'", "").replace(", ", "+")
         directory, info = train(name, TRAININGS["blob_reference"], seed, setting, knobs)
-        metrics, eval_seconds = evaluate("held_out", ARMS["blob_reference"], directory, setting)
+        flags = tuple(arg for path, value in scored.items() for arg in (EVAL_KNOBS[path], str(value)))
+        label = "held_out" + "".join(f"-{p.split('.')[-1]}={v}" for p, v in scored.items())
+        metrics, eval_seconds = evaluate(label, ARMS["blob_reference"], directory, setting, flags)
         append_result(setting.results, {"knobs": point, "seed": seed, "metrics": metrics, **info, "eval_seconds": round(eval_seconds, 1), "commit": commit()})
         print(f"{key} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in first_dataset(metrics).items() if k in METRICS))
 

@@ -55,14 +55,16 @@ def test_training_loss_is_the_mean_over_train_samples(model):
     torch.testing.assert_close(loss, expected)
 
 
-def test_eval_loss_is_the_nll_of_averaged_probabilities(model):
-    trainer = trainer_with(BlobSettings(eval_samples=4))
+@pytest.mark.parametrize("draws", ["whole_weights", "per_token"])
+def test_eval_loss_is_the_nll_of_averaged_probabilities(model, draws):
+    """… drawn as blob.eval_draws says: one A per layer and forward, or the training noise path's per-token draws."""
+    trainer = trainer_with(BlobSettings(eval_samples=4, eval_draws=draws))
     model.eval()
     batch = inputs()
     torch.manual_seed(11)
     loss = trainer.compute_loss(model, batch)
     torch.manual_seed(11)
-    with posterior_sampling(model, enabled=True, whole_weights=True), torch.no_grad():
+    with posterior_sampling(model, enabled=True, whole_weights=draws == "whole_weights"), torch.no_grad():
         logits = torch.stack([model(input_ids=batch["input_ids"]).logits[:, :-1].float() for _ in range(4)])
     targets, mask = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
     probs = torch.softmax(logits, -1).mean(0).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
@@ -138,7 +140,7 @@ def test_a_nan_in_g_stops_training_naming_the_layer_the_step_and_the_settings(hf
 def test_bma_eval_loss_under_the_choice_likelihood_averages_k_way_probabilities(model):
     from axolotl_blob.multiple_choice import ChoiceLikelihood
 
-    trainer = trainer_with(BlobSettings(eval_samples=3))
+    trainer = trainer_with(BlobSettings(eval_samples=3, eval_draws="whole_weights"))
     label_ids = [11, 12, 13]
     trainer.compute_loss_func = ChoiceLikelihood(label_ids)
     ids = torch.randint(20, 100, (2, 6), generator=torch.Generator().manual_seed(5))
@@ -152,6 +154,41 @@ def test_bma_eval_loss_under_the_choice_likelihood_averages_k_way_probabilities(
         letters = torch.stack([model(input_ids=ids).logits[[0, 1], [4, 3]][:, label_ids].float() for _ in range(3)])
     expected = -torch.log(torch.softmax(letters, -1).mean(0)[[0, 1], [1, 2]]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("clip_sigma_grad", [True, False])
+def test_g_gradient_is_clipped_with_the_others_unless_clip_sigma_grad_is_false(model, tmp_path, clip_sigma_grad):
+    """false (the reference): max_grad_norm scales every other gradient to the norm of those others, and G's NLL
+    gradient is left whole and out of the norm."""
+    from transformers import Trainer, TrainingArguments
+
+    from axolotl_blob.blob.model import posterior_parameters
+    from axolotl_blob.blob.trainer import blob_trainer_cls
+
+    max_norm = 1e-3  # far below the gradients' norm: whatever is clipped is scaled down
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_grad_norm=max_norm)
+    trainer = blob_trainer_cls(Trainer, BlobSettings(clip_sigma_grad=clip_sigma_grad))(model=model, args=args)
+    trainer.create_optimizer()
+    model.train()
+    torch.manual_seed(7)
+    model(**inputs()).loss.backward()
+    sigma_ids = {id(g) for g in posterior_parameters(model)[1]}
+    params = [p for p in model.parameters() if p.grad is not None]
+    before = {id(p): p.grad.clone() for p in params}
+    others_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if id(p) not in sigma_ids]))
+    all_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert len(sigma_ids) == 4 and all(id(p) in before for p in posterior_parameters(model)[1])
+
+    norm = trainer._clip_grad_norm(model)
+
+    expected_norm = all_norm if clip_sigma_grad else others_norm
+    assert norm.item() == pytest.approx(expected_norm.item(), rel=1e-5)
+    for param in params:
+        scale = max_norm / (expected_norm.item() + 1e-6)  # torch's clip_grad_norm_ coefficient
+        if id(param) in sigma_ids and not clip_sigma_grad:
+            assert torch.equal(param.grad, before[id(param)])
+        else:
+            torch.testing.assert_close(param.grad, before[id(param)] * scale, rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("micro_batch, accumulation, world, expected", [(8, 1, 1, 131), (4, 2, 1, 131), (4, 1, 2, 131), (8, 1, 2, 65)])

@@ -53,3 +53,28 @@ def test_search_never_scores_the_validation_file(tmp_path, monkeypatch):
     validation = set((study.ROOT / "assets" / "sarcasm_val.jsonl").read_text().splitlines())
     assert len(held_out) == round(0.2 * (len(train) + len(held_out))) and not set(held_out) & set(train)
     assert not set(held_out) & validation
+
+
+def test_a_knob_of_the_evaluation_alone_rescores_the_shared_training(tmp_path, monkeypatch):
+    trainings, evaluations = [], []
+
+    def train(name, training, seed, setting, knobs=None):
+        trainings.append((name, knobs))
+        return tmp_path / name, {"train_seconds": 1.0}
+
+    def evaluate(arm_name, arm, directory, setting, extra_flags=()):
+        evaluations.append((arm_name, directory.name, extra_flags))
+        return {"held_out": {"nll": 0.5}}, 2.0
+
+    monkeypatch.setattr(study, "train", train)
+    monkeypatch.setattr(study, "evaluate", evaluate)
+    setting = study.Setting(results=tmp_path / "r.jsonl", work=tmp_path, search=True)
+    study.run_search(["eval_draws=per_token,whole_weights"], [1], setting)
+    assert trainings == [("search-example", {}), ("search-example", {})]  # train() reuses a finished training
+    assert evaluations == [
+        ("held_out-eval_draws=per_token", "search-example", ("--draws", "per_token")),
+        ("held_out-eval_draws=whole_weights", "search-example", ("--draws", "whole_weights")),
+    ]
+    assert [row["knobs"] for row in study.read_results(setting.results)] == [
+        {"blob.eval_draws": "per_token"}, {"blob.eval_draws": "whole_weights"},
+    ]  # fmt: skip

@@ -24,6 +24,9 @@ BAD_INPUTS = [
     ("blob with DoRA", {"peft_use_dora": True}, "adapter: blob cannot be combined with 'peft_use_dora'"),
     ("blob with fused LoRA kernels", {"lora_qkv_kernel": True}, "adapter: blob cannot be combined with 'lora_qkv_kernel'"),
     ("blob with best-model reload", {"load_best_model_at_end": True}, "adapter: blob cannot be combined with 'load_best_model_at_end'"),
+    ("unknown evaluation draws", {"blob": {"eval_draws": "flipout"}}, r"blob.eval_draws\n  Input should be 'per_token' or 'whole_weights'"),
+    ("unclipped G under optimizer routing", {"blob": {"clip_sigma_grad": False, "sigma_update": "optimizer"}},
+     "blob.clip_sigma_grad: false needs blob.sigma_update: reference"),
 ]
 
 
@@ -203,6 +206,9 @@ ENGINE_BAD_INPUTS = [  # (case, base config, overrides, message naming the key a
     ("blob with ZeRO-3 not gathering on save", "blob", {"deepspeed": {"zero_optimization": {"stage": 3}}},
      r"\(ZeRO-3\): set 'stage3_gather_16bit_weights_on_model_save: true' in zero_optimization; the adapter and the "
      r"posterior of every checkpoint are written from that gathered state dict"),
+    ("blob unclipped G with DeepSpeed", "blob", {"deepspeed": ZERO2, "blob": {"clip_sigma_grad": False}},
+     r"blob.clip_sigma_grad: false with DeepSpeed: its engine clips every parameter it steps \(gradient_clipping "
+     r"from max_grad_norm\), G included; remove clip_sigma_grad, or train without DeepSpeed"),
     ("blob with FSDP1", "blob", {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}},
      r"adapter: blob with FSDP1: .*; set 'fsdp_version: 2'"),
     ("blob with sharded FSDP2 checkpoints", "blob",

@@ -1,5 +1,8 @@
 """TFB: the SVD re-parameterisation keeps the mean model, the sampled weight noise is isotropic σ_q within span(U)
-and zero outside it, and the σ_q search returns the largest σ_q within tolerance."""
+and zero outside it, and the σ_q search: the largest σ_q within tolerance (`nll`, `flip`), or the reference code's
+top of the final bracket (`nll_reference`)."""
+
+import math
 
 import pytest
 import torch
@@ -8,7 +11,15 @@ from transformers import AutoModelForCausalLM
 
 from axolotl_blob.blob.layer import posterior_std
 from axolotl_blob.blob.model import bayesianize, blob_layers, posterior_sampling
-from axolotl_blob.blob.tfb import largest_within_tolerance, prediction_change, set_noise_scale, svd_reparameterize
+from axolotl_blob.blob import tfb
+from axolotl_blob.blob.tfb import (
+    bayesianize_tfb,
+    largest_within_tolerance,
+    prediction_change,
+    set_noise_scale,
+    svd_reparameterize,
+    top_of_final_bracket,
+)
 
 
 def trained_lora(model_dir):
@@ -106,3 +117,58 @@ def test_prediction_change_measures_against_the_mean_models_own_answers():
     moved = -(torch.log(torch.tensor(0.7)) + torch.log(torch.tensor(0.45))) / 2
     assert prediction_change(mean, bma, "nll") == pytest.approx(((moved - base).abs() / base).item(), rel=1e-6)
     assert prediction_change(mean, bma, "flip") == 0.5
+
+
+def test_prediction_change_of_the_reference_divides_by_the_number_of_anchors():
+    mean = torch.tensor([[0.8, 0.2], [0.4, 0.6]], dtype=torch.float64)
+    bma = torch.tensor([[0.7, 0.3], [0.55, 0.45]], dtype=torch.float64)
+    assert prediction_change(mean, bma, "nll_reference") == pytest.approx(prediction_change(mean, bma, "nll") / 2, rel=1e-12)
+
+
+def test_the_reference_search_keeps_the_top_of_the_final_bracket():
+    change = lambda sigma: sigma * 100  # noqa: E731  (passes 0.003 up to σ = 3e-5)
+    assert top_of_final_bracket(change, 0.001, 0.015, 0.003, 5).sigma == pytest.approx(0.001 + 0.014 / 32)  # every midpoint over
+    assert top_of_final_bracket(lambda sigma: 0.0, 0.001, 0.015, 0.003, 5).sigma == 0.015  # every midpoint within: the top, never tried
+    with pytest.raises(ValueError, match="0 < low < high"):
+        top_of_final_bracket(change, 0.015, 0.001, 0.003)
+
+
+ANCHORS, P_MEAN, SCALE = 500, 0.9, 0.01
+MEAN_PROBS = torch.tensor([[P_MEAN, 1 - P_MEAN]] * ANCHORS, dtype=torch.float64)  # ŷ = choice 0 on every anchor
+
+
+def fake_bma_probs(sigma: float) -> torch.Tensor:
+    """A fake NLL of σ: −log p(ŷ) = NLL_0 · (1 + (σ/0.01)²), i.e. a relative change (σ/0.01)²."""
+    p = math.exp(math.log(P_MEAN) * (1 + (sigma / SCALE) ** 2))
+    return torch.tensor([[p, 1 - p]] * ANCHORS, dtype=torch.float64)
+
+
+# Hand-computed. nll_reference passes while (σ/0.01)² / 500 ≤ 0.003, i.e. σ ≤ 0.01·√1.5 = 0.012247; arithmetic
+# midpoints of [0.001, 0.015]: 0.008 (0.64/500, within) → 0.0115 (1.3225/500, within) → 0.01325 (1.7556/500, over)
+# → 0.012375 (1.5314/500, over) → 0.0119375 (1.4250/500, within); the final bracket is [0.0119375, 0.012375] and its
+# top, 0.012375 (over the tolerance), is σ_q. nll passes while (σ/0.01)² ≤ 0.003, i.e. σ ≤ 5.477e-4; geometric
+# midpoints of [1e-5, 0.015] after the top (0.015, over): 3.873e-4 (within), 2.410e-3, 9.662e-4, 6.117e-4 (over),
+# 4.868e-4, 5.457e-4 (within): σ_q = 5.457e-4, the largest σ seen within.
+TRACES = {
+    "nll_reference": ([0.008, 0.0115, 0.01325, 0.012375, 0.0119375], 0.012375),
+    "nll": ([0.015, 3.873e-4, 2.4103e-3, 9.662e-4, 6.117e-4, 4.868e-4, 5.457e-4], 5.457e-4),
+}
+
+
+@pytest.mark.parametrize("metric", TRACES)
+def test_the_sigma_q_search_of_each_rule_on_a_fake_nll(metric, monkeypatch):
+    """bayesianize_tfb with its metric's defaults (tolerance, bracket, steps) against the hand-computed traces."""
+    current, draws_used = {}, set()
+    monkeypatch.setattr(tfb, "svd_reparameterize", lambda model: {})
+    monkeypatch.setattr(tfb, "set_noise_scale", lambda model, inverse, sigma_q: current.update(sigma=sigma_q))
+
+    def anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws):
+        draws_used.add(draws)
+        return MEAN_PROBS if n_samples == 0 else fake_bma_probs(current["sigma"])
+
+    monkeypatch.setattr(tfb, "_anchor_probabilities", anchor_probabilities)
+    result = bayesianize_tfb(None, None, [{}] * ANCHORS, metric=metric, draws="per_token")
+    sigmas, chosen = TRACES[metric]
+    assert [sigma for sigma, _ in result.trace] == pytest.approx(sigmas, rel=1e-3)
+    assert result.sigma_q == pytest.approx(chosen, rel=1e-3) and current["sigma"] == result.sigma_q
+    assert draws_used == {"per_token"}

@@ -52,8 +52,8 @@ def tfb_adapter(lora_run):
     return out
 
 
-def evaluate(workdir, adapter, samples, name):
-    args = [str(workdir / "config.yml"), "--adapter", str(adapter), "--samples", str(samples), "--json", f"{name}.json"]
+def evaluate(workdir, adapter, samples, name, *flags):
+    args = [str(workdir / "config.yml"), "--adapter", str(adapter), "--samples", str(samples), "--json", f"{name}.json", *flags]
     run_module("axolotl_blob.evaluate", args, workdir, log=f"{name}.log")
     return json.loads((workdir / f"{name}.json").read_text())["colors"]
 
@@ -78,6 +78,7 @@ def test_tfb_writes_a_blob_adapter_with_the_same_mean_model(lora_run, tfb_adapte
     assert 1e-3 <= record["sigma_q"] <= 0.015 and record["anchors"] == 32 and record["layers"] == 4
     passing = [s["sigma_q"] for s in record["search"] if s["change"] <= record["tolerance"]]
     assert record["sigma_q"] == max(passing) and len(record["search"]) in (1, 6, 7)
+    assert record["eval_draws"] == "per_token" == json.loads((tfb_adapter / "blob_config.json").read_text())["eval_draws"]
     with safe_open(str(tfb_adapter / "adapter_model.safetensors"), framework="pt") as f:
         assert all(".lora_A." in k or ".lora_B." in k for k in f.keys()) and len(list(f.keys())) == 8
     assert (tfb_adapter / "blob_posterior.safetensors").is_file() and (tfb_adapter / "blob_config.json").is_file()
@@ -87,6 +88,22 @@ def test_tfb_writes_a_blob_adapter_with_the_same_mean_model(lora_run, tfb_adapte
     sampled = evaluate(lora_run, tfb_adapter, 4, "tfb4")
     assert sampled["n_samples"] == 4 and sampled["mutual_info"] > 0 and lora_mean["mutual_info"] == 0
     assert {"acc_cov80_by_confidence", "acc_cov90_by_mutual_info", "aurc_by_mutual_info"} <= sampled.keys()
+
+
+def test_the_reference_rule_and_the_draws_reach_the_search_the_posterior_and_evaluate(lora_run):
+    out = lora_run / "tfb-reference"
+    args = [str(lora_run / "config.yml"), "--adapter", str(lora_run / "out"), "--out", str(out), "--samples", "4",
+            "--anchors", "32", "--metric", "nll_reference", "--draws", "whole_weights"]  # fmt: skip
+    run_module("axolotl_blob.bayesianize", args, lora_run, log="bayesianize-reference.log")
+    record = json.loads((out / "tfb.json").read_text())
+    sigmas = [step["sigma_q"] for step in record["search"]]
+    assert record["tolerance"] == 0.003 and len(sigmas) == 5 and sigmas[0] == pytest.approx(0.008)  # (0.001 + 0.015) / 2
+    over = [step["sigma_q"] for step in record["search"] if step["change"] > record["tolerance"]]
+    assert record["sigma_q"] == pytest.approx(min(over, default=0.015))  # the top of the final bracket
+    assert record["eval_draws"] == "whole_weights" == json.loads((out / "blob_config.json").read_text())["eval_draws"]
+    saved, per_token = evaluate(lora_run, out, 4, "ref-saved"), evaluate(lora_run, out, 4, "ref-per-token", "--draws", "per_token")
+    assert saved["eval_draws"] == "whole_weights" and per_token["eval_draws"] == "per_token"
+    assert saved["nll"] != per_token["nll"]  # the same seed, other draws
 
 
 def test_predict_with_the_tfb_adapter_writes_one_line_per_question(lora_run, tfb_adapter):

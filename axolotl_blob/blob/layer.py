@@ -1,5 +1,5 @@
-"""The BLoB layer: a Gaussian posterior over LoRA's A factor, sampled with Flipout in training and as whole
-weights in prediction.
+"""The BLoB layer: a Gaussian posterior over LoRA's A factor, sampled with Flipout in training and, in prediction,
+by the same per-token path or as whole weights (`blob.eval_draws`).
 
 BLoB is a PEFT LoRA *variant*: PEFT's own LoRA layers (``nn.Linear``, bitsandbytes 8-bit and 4-bit) keep their
 forward, dtype casting, merging and saving, and call :meth:`BlobVariant.forward` for the adapter part.
@@ -21,6 +21,10 @@ from torch import nn
 
 POSTERIOR_PARAM = "blob_G"
 NoisePath = Literal["flipout", "rank_signs"]
+EvalDraws = Literal["per_token", "whole_weights"]  # blob.eval_draws: the noise path's per-token draws, or one A per forward
+# The reference evaluates with its training path, and σ is learnt under it; on the demo's held-out training slice the
+# two draws scored within their Monte Carlo noise (bench/results/eval_draws.json)
+DEFAULT_EVAL_DRAWS: EvalDraws = "per_token"
 
 
 def posterior_std(g: torch.Tensor) -> torch.Tensor:

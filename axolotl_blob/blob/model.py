@@ -18,7 +18,7 @@ from torch import nn
 
 from axolotl_blob.blob.adapter_file import keep_posterior_out_of_adapter_file
 from axolotl_blob.blob.kl import gaussian_kl
-from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, NoisePath, posterior_std
+from axolotl_blob.blob.layer import POSTERIOR_PARAM, BlobVariant, EvalDraws, NoisePath, posterior_std
 from axolotl_blob.engines import gathered
 from axolotl_blob.io import save_tensors, write_json
 
@@ -28,12 +28,14 @@ POSTERIOR_CONFIG_FILE = "blob_config.json"
 
 @dataclass(frozen=True)
 class PosteriorSpec:
-    """What a saved posterior needs to be read back: the parameterisation and the prior it was trained with."""
+    """What a saved posterior needs to be read back: the parameterisation and the prior it was trained with, and
+    how it is sampled at evaluation."""
 
     prior_std: float
     init_std: float
     sigma: str = "G**2"
     noise: NoisePath = "flipout"  # files written before the setting existed were trained with Flipout
+    eval_draws: EvalDraws = "whole_weights"  # … and were evaluated with whole-weight draws (786809e onwards)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -189,6 +191,12 @@ def read_posterior_spec(directory: str | Path) -> PosteriorSpec:
         return PosteriorSpec(**values)
     except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
         raise PosteriorFileError(f"{path} is not a valid BLoB posterior config ({error}): {UNREADABLE_ADVICE}") from error
+
+
+def saved_eval_draws(directory: str | Path) -> EvalDraws:
+    """How the BLoB posterior saved in `directory` is sampled at evaluation (PosteriorSpec's default where there is
+    none: nothing is sampled then)."""
+    return PosteriorSpec.eval_draws if missing_posterior_files(directory) else read_posterior_spec(directory).eval_draws
 
 
 def missing_posterior_files(directory: str | Path) -> list[str]:

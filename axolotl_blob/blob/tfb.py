@@ -8,10 +8,15 @@ there) changes nothing whatever its noise, so it gets Ω = 0 rather than σ_q / 
 
 σ_q is chosen without training: the largest one whose Bayesian model average changes the mean model's own
 predictions on an anchor set by at most a tolerance — the relative change of the NLL of the mean model's answers
-ŷ, or the fraction of answers that flip. The search is a bisection that assumes the change grows with σ_q; every
-evaluation reseeds the noise (common random numbers), so the measured change grows smoothly with σ_q. It bisects
-geometrically: the σ_q that fits depends on the model's scale (1e-4 for SmolLM2-135M's sarcasm LoRA, ~1e-2 in the
-paper's LLaMA runs), so a bracket spanning decades is searched to the same relative precision everywhere.
+ŷ (`nll`), or the fraction of answers that flip (`flip`). The search is a bisection that assumes the change grows
+with σ_q; every evaluation reseeds the noise (common random numbers), so the measured change grows smoothly with
+σ_q. It bisects geometrically: the σ_q that fits depends on the model's scale (1e-4 for SmolLM2-135M's sarcasm LoRA,
+~1e-2 in the paper's LLaMA runs), so a bracket spanning decades is searched to the same relative precision everywhere.
+
+`nll_reference` is the rule of the reference code (bayesian-peft `tfblora.py`), which the paper's tables came from:
+the relative NLL change divided once more by the number of anchors (so 0.003 at 500 anchors admits a 150 % change),
+5 arithmetic bisections of [0.001, 0.015], and the top of the final bracket — the last midpoint over the tolerance,
+or 0.015 when none was — not the largest σ_q seen within it.
 
 The posterior is stored as BLoB's (σ = G², so G = √Ω): the result is an ordinary BLoB adapter.
 """
@@ -27,12 +32,30 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from axolotl_blob.blob.layer import DEFAULT_EVAL_DRAWS, EvalDraws
 from axolotl_blob.blob.model import blob_layers, module_key, unwrap_model
 from axolotl_blob.calibration.scoring import ordered_choice_probabilities
-from axolotl_blob.sampling import BlobSampler
+from axolotl_blob.sampling import blob_sampler
 
-ChangeMetric = Literal["nll", "flip"]
+ChangeMetric = Literal["nll", "flip", "nll_reference"]
 EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class SearchDefaults:
+    """A metric's tolerance, σ_q bracket, bisection steps and anchor count."""
+
+    tolerance: float
+    sigma_range: tuple[float, float]
+    steps: int
+    anchors: int
+
+
+SEARCH_DEFAULTS: dict[str, SearchDefaults] = {
+    "nll": SearchDefaults(0.003, (1e-5, 0.015), 6, 200),  # the paper's tolerances, taken literally
+    "flip": SearchDefaults(0.01, (1e-5, 0.015), 6, 200),
+    "nll_reference": SearchDefaults(0.003, (1e-3, 0.015), 5, 500),  # the reference code's
+}
 
 
 @torch.no_grad()
@@ -108,19 +131,50 @@ def largest_within_tolerance(
     return result
 
 
+def top_of_final_bracket(
+    change: Callable[[float], float], low: float, high: float, tolerance: float, steps: int = 5
+) -> BisectionResult:
+    """The reference code's search: `steps` arithmetic bisections of [low, high] (a midpoint over the tolerance
+    becomes the top, one within it the bottom), returning the top of the final bracket — `high` when every midpoint
+    passed (never evaluated), else the last midpoint that failed."""
+    if not 0 < low < high:
+        raise ValueError(f"the σ_q search needs 0 < low < high, got low={low:g}, high={high:g}")
+    result = BisectionResult(sigma=high)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        value = change(middle)
+        result.trace.append((middle, value))
+        if value > tolerance:
+            high = middle
+        else:
+            low = middle
+    result.sigma = high
+    return result
+
+
+def search_sigma(
+    change: Callable[[float], float], metric: ChangeMetric, low: float, high: float, tolerance: float, steps: int
+) -> BisectionResult:
+    """σ_q by the metric's rule: the reference code's for `nll_reference`, else the largest σ_q within tolerance."""
+    search = top_of_final_bracket if metric == "nll_reference" else largest_within_tolerance
+    return search(change, low, high, tolerance, steps)
+
+
 def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric: ChangeMetric) -> float:
     """How much the BMA moved away from the mean model's own answers ŷ = argmax p_mean: the relative change of
-    −log p(ŷ) averaged over the anchors (`nll`), or the fraction of answers that changed (`flip`)."""
+    −log p(ŷ) averaged over the anchors (`nll`; divided once more by the number of anchors for `nll_reference`),
+    or the fraction of answers that changed (`flip`)."""
     answers = mean_probs.argmax(-1, keepdim=True)
     if metric == "flip":
         return (bma_probs.argmax(-1, keepdim=True) != answers).double().mean().item()
     mean_nll = -mean_probs.gather(-1, answers).clamp(min=EPS).log().mean()
     bma_nll = -bma_probs.gather(-1, answers).clamp(min=EPS).log().mean()
-    return ((bma_nll - mean_nll).abs() / mean_nll.clamp(min=EPS)).item()
+    relative = ((bma_nll - mean_nll).abs() / mean_nll.clamp(min=EPS)).item()
+    return relative / len(answers) if metric == "nll_reference" else relative
 
 
-def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size) -> torch.Tensor:
-    return ordered_choice_probabilities(model, tokenizer, anchors, BlobSampler(model), n_samples, batch_size)[0]
+def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws: EvalDraws) -> torch.Tensor:
+    return ordered_choice_probabilities(model, tokenizer, anchors, blob_sampler(model, draws), n_samples, batch_size)[0]
 
 
 @dataclass
@@ -139,27 +193,33 @@ def bayesianize_tfb(
     anchors: Sequence[dict],
     n_samples: int = 10,
     metric: ChangeMetric = "nll",
-    tolerance: float = 0.003,
-    sigma_range: tuple[float, float] = (1e-5, 0.015),
-    steps: int = 6,
+    tolerance: float | None = None,
+    sigma_range: tuple[float, float] | None = None,
+    steps: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    draws: EvalDraws = DEFAULT_EVAL_DRAWS,
 ) -> TfbResult:
     """TFB in place on a model whose LoRA layers already carry BLoB posteriors (`blob.model.bayesianize`):
-    re-parameterise, search σ_q on the multiple-choice `anchors`, and set the posterior to the σ_q found.
-    Give it an fp32 model: the tolerance is finer than bf16's rounding of the logits."""
+    re-parameterise, search σ_q on the multiple-choice `anchors` (tolerance, bracket and steps: the metric's
+    `SEARCH_DEFAULTS` unless given; the BMA sampled as `draws`, as evaluation will), and set the posterior to the σ_q
+    found. Give it an fp32 model: the tolerance is finer than bf16's rounding of the logits."""
     if n_samples < 1:
         raise ValueError(f"TFB's search averages posterior samples: n_samples must be >= 1, got {n_samples}")
+    defaults = SEARCH_DEFAULTS[metric]
     inverse_singular_values = svd_reparameterize(model)
-    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size)
+    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size, draws)
 
     def change(sigma_q: float) -> float:
         set_noise_scale(model, inverse_singular_values, sigma_q)
         torch.manual_seed(seed)  # the same noise for every σ_q: the change grows with σ_q, not with luck
-        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size)
+        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws)
         return prediction_change(mean_probs, bma_probs, metric)
 
-    search = largest_within_tolerance(change, *sigma_range, tolerance=tolerance, steps=steps)
+    search = search_sigma(
+        change, metric, *(sigma_range or defaults.sigma_range), defaults.tolerance if tolerance is None else tolerance,
+        defaults.steps if steps is None else steps,
+    )  # fmt: skip
     set_noise_scale(model, inverse_singular_values, search.sigma)
     zeros = sum(int((v == 0).sum()) for v in inverse_singular_values.values())
     return TfbResult(search.sigma, search.trace, len(inverse_singular_values), zeros)

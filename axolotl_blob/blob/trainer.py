@@ -31,7 +31,7 @@ from axolotl_blob.blob.model import (
 from axolotl_blob.blob.optimizer import MEAN, SIGMA, BlobOptimizer, first_non_finite, set_kl_weight
 from axolotl_blob.engines import is_sharded, is_zero3_partitioned, local_shard
 from axolotl_blob.multiple_choice import ChoiceLikelihood
-from axolotl_blob.sampling import BlobSampler, bma_choice_nll, bma_log_probs, bma_token_nll, next_token_nll
+from axolotl_blob.sampling import blob_sampler, bma_choice_nll, bma_log_probs, bma_token_nll, next_token_nll
 
 if TYPE_CHECKING:
     from axolotl_blob.args import BlobSettings
@@ -146,6 +146,15 @@ class BlobTrainerMixin:
         )
         return self.optimizer
 
+    def _clip_grad_norm(self, model):
+        """`blob.clip_sigma_grad: false` (the reference): max_grad_norm clips the other parameters as the Trainer
+        would, and G's NLL gradient is neither clipped nor counted in the norm returned (and logged)."""
+        if self.blob_settings.clip_sigma_grad:
+            return super()._clip_grad_norm(model)
+        sigmas = {id(g) for g in posterior_parameters(model)[1]}
+        others = [param for param in model.parameters() if id(param) not in sigmas]
+        return self.accelerator.clip_grad_norm_(others, self.args.max_grad_norm)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         settings = self.blob_settings
         if not model.training and settings.eval_samples > 0 and "labels" in inputs:
@@ -161,7 +170,7 @@ class BlobTrainerMixin:
         """Eval loss = NLL of the probabilities averaged over `eval_samples` posterior draws (over the K answer
         letters under multiple_choice.likelihood: choices)."""
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        sampler, n_samples = BlobSampler(model), self.blob_settings.eval_samples
+        sampler, n_samples = blob_sampler(model, self.blob_settings.eval_draws), self.blob_settings.eval_samples
         if return_outputs and not self.args.prediction_loss_only:
             log_probs = bma_log_probs(model, model_inputs, sampler, n_samples)
             return next_token_nll(log_probs, inputs["labels"]), {"logits": log_probs}
@@ -196,7 +205,7 @@ class BlobTrainerMixin:
 
 
 def posterior_spec(settings: BlobSettings) -> PosteriorSpec:
-    return PosteriorSpec(prior_std=settings.prior_std, init_std=settings.init_std, noise=settings.noise)
+    return PosteriorSpec(prior_std=settings.prior_std, init_std=settings.init_std, noise=settings.noise, eval_draws=settings.eval_draws)
 
 
 def blob_trainer_cls(base: type[Trainer], settings: BlobSettings) -> type[Trainer]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from axolotl_blob.blob.layer import EvalDraws
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.calibration.report import format_table
 from axolotl_blob.sampling import sampler_for
@@ -29,9 +30,10 @@ def autocast_for(trainer: Trainer):
 class CalibrationCallback(TrainerCallback):
     """Adds `eval_acc`, `eval_ece`, … to the Trainer's log and writes `output_dir/calibration/`."""
 
-    def __init__(self, trainer: Trainer, evaluator: CalibrationEvaluator):
+    def __init__(self, trainer: Trainer, evaluator: CalibrationEvaluator, draws: EvalDraws):
         self.trainer = trainer
         self.evaluator = evaluator
+        self.draws = draws  # blob.eval_draws: how a BLoB posterior is sampled
         self.last_step: int | None = None
         self.last_reports: dict[str, dict] = {}
 
@@ -39,7 +41,7 @@ class CalibrationCallback(TrainerCallback):
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         batches = trainer.get_eval_dataloader() if self.evaluator.settings.mode == "tokens" else None
-        sampler = sampler_for(model, trainer.optimizer)
+        sampler = sampler_for(model, trainer.optimizer, self.draws)
         # The posterior draws come from the Trainer's seeded generators; forked, so that the training after this
         # evaluation draws what it would have drawn without it (calibration observes the run, never changes it).
         device = trainer.args.device
