@@ -3,6 +3,7 @@ for `rank_scheduler` / `adapter: adalora` under FSDP2 and `optimizer: ivon` unde
 
     python bench/sharded_engines_probe.py fsdp2-rank   # 2 gloo ranks on the CPU, ~30 s
     python bench/sharded_engines_probe.py zero2-ivon   # 2 gloo ranks, DeepSpeed installed, ~1 min
+    python bench/sharded_engines_probe.py ivon-dtensor-overhead   # 1 process, ~5 s
 
 fsdp2-rank: one AdaLoRA-shaped module (P: 64 × 8, Λ: 8, Q: 8 × 48) under `fully_shard`, IVON over its shards.
 CommDebugMode counts the collectives of the SNR scores (pooled per component) and of the orthogonality regulariser.
@@ -10,6 +11,9 @@ CommDebugMode counts the collectives of the SNR scores (pooled per component) an
 zero2-ivon: IVON as DeepSpeed ZeRO-2's client optimizer (bf16, gradient accumulation 2) on a 2-layer MLP: what IVON's
 param groups hold, whether a sample written by `sampled_params` reaches the forward, and what `update_lp_params` (the
 copy of the fp32 partitions into the bf16 weights plus their all-gather) changes.
+
+ivon-dtensor-overhead: IVON's time per step (one sample, gradients set by hand, one thread) over 120 LoRA-shaped
+tensors, plain vs FSDP2 DTensors on a 1-rank mesh: what the shard bookkeeping costs without any communication.
 """
 
 from __future__ import annotations
@@ -132,6 +136,48 @@ def zero2_ivon(rank: int, port: int) -> None:
     dist.destroy_process_group()
 
 
+def ivon_dtensor_overhead() -> None:
+    import time
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from axolotl_blob.ivon import IVON
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+    def lora_shaped() -> nn.ParameterList:
+        torch.manual_seed(0)
+        shapes = [(8, 576), (576, 8)] * 60  # A and B of r-8 LoRA on 576-wide projections
+        return nn.ParameterList(nn.Parameter(torch.randn(shape) * 0.01) for shape in shapes)
+
+    def median_step_ms(params: list[nn.Parameter], steps: int = 60) -> float:
+        opt = IVON(params, lr=0.01, ess=1e5)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            with opt.sampled_params(train=True):
+                for p in params:
+                    p.grad = torch.ones_like(p)
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - start)
+        return sorted(times[10:])[len(times[10:]) // 2] * 1e3
+
+    holder = nn.Module()
+    holder.factors = lora_shaped()
+    fully_shard(holder, mesh=init_device_mesh("cpu", (1,)))
+    plain = list(lora_shaped())
+    plain_ms, sharded_ms = median_step_ms(plain), median_step_ms(list(holder.parameters()))
+    values = sum(p.numel() for p in plain) / 1e6
+    print(f"IVON step, median of 50: plain {plain_ms:.2f} ms, DTensor {sharded_ms:.2f} ms ({len(plain)} tensors, {values:.2f} M values)")
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    probe = {"fsdp2-rank": fsdp2_rank, "zero2-ivon": zero2_ivon}[sys.argv[1]]
-    mp.spawn(probe, args=(free_port(),), nprocs=WORLD, join=True)
+    if sys.argv[1] == "ivon-dtensor-overhead":
+        ivon_dtensor_overhead()
+    else:
+        probe = {"fsdp2-rank": fsdp2_rank, "zero2-ivon": zero2_ivon}[sys.argv[1]]
+        mp.spawn(probe, args=(free_port(),), nprocs=WORLD, join=True)
