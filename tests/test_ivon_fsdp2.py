@@ -285,8 +285,9 @@ def resume_worker(rank: int, port: int, directory: str, out: str) -> None:
         (Path(directory) / kind).mkdir(exist_ok=True)
         save(model, opt, Path(directory) / kind, kind)
     saved = snapshot(model, opt)
+    weight = model.first.weight
     with opt.sampled_params(train=False):  # each rank draws its own elements, from its own stream
-        noise = full(model.first.weight) - full(opt.posterior_mean(model.first.weight))
+        noise = (full(weight) - full(opt.posterior_mean(weight))) / full(opt.posterior_std(weight))
     train(model, opt, rows, range(2, 4))
     results = {"uninterrupted": snapshot(model, opt), "noise": noise, "saved": saved}
     for kind in ("sharded", "full"):
@@ -314,8 +315,21 @@ def test_sharded_and_full_checkpoints_resume_bit_identically(tmp_path):
         assert results[kind].keys() == expected.keys()
         for name, value in expected.items():
             assert torch.equal(results[kind][name], value), f"{kind} checkpoint: {name}"
-    rows = results["noise"].shape[0] // WORLD  # the shards' draws are not one stream repeated
-    assert not torch.allclose(results["noise"][:rows], results["noise"][rows:])
+    assert_each_element_drawn_once_by_its_owner(results["noise"])
+
+
+def assert_each_element_drawn_once_by_its_owner(noise: torch.Tensor) -> None:
+    """The evaluation draw after two steps (two before it): rank r's rows of first.weight (8 × 4, 4 rows a rank) are
+    the first values of one draw over the rank's elements of the group (first.weight's 16, then second.weight's 2 or
+    1 rows of 8) from the stream seeded by (seed 3, evaluation, group 0, draw 2, r)."""
+    from axolotl_blob.ivon.shard_noise import stream_seed
+
+    rows = noise.shape[0] // WORLD
+    for rank, second_rows in zip(range(WORLD), (2, 1)):
+        stream = torch.Generator().manual_seed(stream_seed(3, False, 0, 2, rank))
+        draw = torch.randn(rows * noise.shape[1] + second_rows * 8, generator=stream)
+        expected = draw[: rows * noise.shape[1]].view(rows, -1)
+        torch.testing.assert_close(noise[rank * rows : (rank + 1) * rows], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_gathered_checkpoint_gives_the_posterior_for_prediction(tmp_path):
