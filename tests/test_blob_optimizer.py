@@ -10,7 +10,7 @@ import torch
 from axolotl_blob.blob.kl import rescaled_cycle_steps
 from axolotl_blob.blob.model import kl_divergence
 from axolotl_blob.blob.optimizer import BlobOptimizer, first_non_finite, schedule_factor, set_kl_weight
-from axolotl_blob.blob.trainer import posterior_parameters
+from axolotl_blob.blob.model import posterior_parameters
 from conftest import tiny_blob_model
 
 PRIOR, KL_LR, LR = 0.2, 0.05, 1e-2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from axolotl_blob.blob.optimizer import BlobOptimizer, schedule_factor, set_kl_weight
-from axolotl_blob.blob.trainer import posterior_parameters
+from axolotl_blob.blob.model import posterior_parameters
 from conftest import tiny_blob_model
 
 LR, KL_LR, STEPS = 1e-2, 0.05, 12

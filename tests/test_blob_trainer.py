@@ -97,7 +97,7 @@ def hf_trainer(model, tmp_path):
 
 def test_the_trainer_builds_its_own_optimizer_without_g_and_wraps_it(hf_trainer, model):
     from axolotl_blob.blob.optimizer import BlobOptimizer
-    from axolotl_blob.blob.trainer import posterior_parameters
+    from axolotl_blob.blob.model import posterior_parameters
 
     trainer = hf_trainer()
     optimizer = trainer.create_optimizer()
@@ -113,7 +113,7 @@ def test_the_trainer_builds_its_own_optimizer_without_g_and_wraps_it(hf_trainer,
 
 
 def test_optimizer_routing_keeps_g_in_the_trainers_optimizer(hf_trainer, model):
-    from axolotl_blob.blob.trainer import posterior_parameters
+    from axolotl_blob.blob.model import posterior_parameters
 
     optimizer = hf_trainer(sigma_update="optimizer").create_optimizer()
     inner = {id(p) for group in optimizer.inner.param_groups for p in group["params"]}
@@ -121,7 +121,8 @@ def test_optimizer_routing_keeps_g_in_the_trainers_optimizer(hf_trainer, model):
 
 
 def test_a_nan_in_g_stops_training_naming_the_layer_the_step_and_the_settings(hf_trainer, model):
-    from axolotl_blob.blob.trainer import NonFinitePosteriorError, posterior_parameters
+    from axolotl_blob.blob.model import posterior_parameters
+    from axolotl_blob.blob.trainer import NonFinitePosteriorError
 
     trainer = hf_trainer(kl_lr=0.02)
     optimizer = trainer.create_optimizer()

@@ -21,7 +21,7 @@ from fixed_noise import fixed_noise  # noqa: E402
 import axolotl_blob.blob.layer as blob_layer  # noqa: E402
 from axolotl_blob.blob.model import kl_divergence, posterior_state_dict, posterior_summary  # noqa: E402
 from axolotl_blob.blob.optimizer import BlobOptimizer, set_kl_weight  # noqa: E402
-from axolotl_blob.blob.trainer import posterior_parameters  # noqa: E402
+from axolotl_blob.blob.model import posterior_parameters  # noqa: E402
 from axolotl_blob.engines import gathered  # noqa: E402
 from conftest import free_port, tiny_blob_model  # noqa: E402
 
