@@ -19,27 +19,22 @@ at-end calibration. A run already in the results file is skipped, so the study c
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
-import os
-import random
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from study_common import ROOT, append_result, commit, deep_merge, mean_sd, read_results, run, set_path, split_file, train_once
+
 RESULTS = ROOT / "bench" / "results" / "calibration_study.jsonl"
 SEARCH_RESULTS = ROOT / "bench" / "results" / "calibration_search.jsonl"
 WORK = ROOT / "outputs" / "calibration_study"
 LORA_CONFIG = ROOT / "example_configs" / "lora-smollm2-sarcasm.yml"
 BLOB_CONFIG = ROOT / "example_configs" / "blob-smollm2-sarcasm.yml"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled"}
 HELD_OUT_FRACTION = 0.2
 METRICS = ("acc", "ece", "nll", "brier", "confidence", "mutual_info")
 
@@ -104,44 +99,9 @@ EVAL_KNOBS = {"blob.eval_draws": "--draws"}  # config path → the `evaluate` fl
 # --------------------------------------------------------------------------- configs and processes
 
 
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-def set_path(overrides: dict, path: str, value) -> dict:
-    """{"a": {"b": value}} for path "a.b", merged into a copy of `overrides`."""
-    keys = path.split(".")
-    nested = value
-    for key in reversed(keys):
-        nested = {key: nested}
-    return deep_merge(overrides, nested)
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run from the repo root (the example configs' paths are relative to it), offline; seconds taken."""
-    start = time.time()
-    with log.open("w") as f:
-        result = subprocess.run(command, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=f, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
-    return time.time() - start
-
-
 def splits(train_file: Path) -> tuple[Path, Path]:
     """80 % / 20 % of the training file, shuffled with seed 0 (the same slices for every seed and arm)."""
-    directory = WORK / "splits"
-    train_split, held_out = directory / "train_split.jsonl", directory / "held_out.jsonl"
-    if not held_out.is_file():
-        lines = [line for line in train_file.read_text().splitlines() if line.strip()]
-        random.Random(0).shuffle(lines)
-        cut = round(len(lines) * (1 - HELD_OUT_FRACTION))
-        directory.mkdir(parents=True, exist_ok=True)
-        train_split.write_text("\n".join(lines[:cut]) + "\n")
-        held_out.write_text("\n".join(lines[cut:]) + "\n")
-    return train_split, held_out
+    return split_file(train_file, WORK / "splits", HELD_OUT_FRACTION)
 
 
 def truncated(path: Path, limit: int | None) -> Path:
@@ -194,16 +154,7 @@ def train(name: str, training: Training, seed: int, setting: Setting, knobs: dic
     """Train once per (training, seed); a finished training is reused by every arm that evaluates it."""
     config = training_config(name, training, seed, setting, knobs)
     directory = Path(config["output_dir"]).parent
-    done = directory / "trained.json"
-    if done.is_file():
-        return directory, json.loads(done.read_text())
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"training {directory.name} …", flush=True)
-    seconds = run([sys.executable, "-m", "axolotl.cli.train", str(directory / "config.yml")], directory / "train.log")
-    info = {"train_seconds": round(seconds, 1)}
-    done.write_text(json.dumps(info))
-    return directory, info
+    return directory, train_once(config, directory)
 
 
 def scalar(report: dict) -> dict:
@@ -238,21 +189,7 @@ def evaluate(arm_name: str, arm: Arm, directory: Path, setting: Setting, extra_f
     return json.loads(out.read_text()), seconds
 
 
-# --------------------------------------------------------------------------- results file
-
-
-def read_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def append_result(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+# --------------------------------------------------------------------------- the study and the search
 
 
 def run_study(arms: list[str], seeds: list[int], setting: Setting) -> None:
@@ -324,12 +261,6 @@ def first_dataset(metrics: dict) -> dict:
     in_distribution = next(m for m in metrics.values() if not is_ood(m))
     ood = {f"{k} ({name})": v for name, m in metrics.items() if is_ood(m) for k, v in m.items() if k.startswith("ood_auroc")}
     return {**in_distribution, **ood}
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def summary(rows: list[dict]) -> list[tuple[str, int, dict[str, list[float]]]]:
