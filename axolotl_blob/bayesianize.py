@@ -28,17 +28,20 @@ from axolotl_blob.blob.trainer import posterior_spec
 from axolotl_blob.cli import HelpFormatter, results_only_stdout
 from axolotl_blob.evaluate import load_adapter_model
 from axolotl_blob.io import write_json
-from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, label_token_ids, read_examples
-from axolotl_blob.run_config import blob_settings, inference_device_and_autocast, load_tokenizer, read_config
+from axolotl_blob.calibration.scoring import choice_scorer
+from axolotl_blob.cloze import CLOZE_TYPE
+from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, read_examples
+from axolotl_blob.run_config import answer_format, blob_settings, inference_device_and_autocast, load_tokenizer, read_config
 from axolotl_blob.saved_adapter import check_lora_adapter
 
 
 def anchor_examples(cfg, count: int, seed: int) -> list[dict]:
     """Up to `count` questions drawn (seeded) from the config's multiple-choice training files."""
-    paths = [d.path for d in cfg.datasets or () if d.type == MULTIPLE_CHOICE_TYPE and d.path and Path(d.path).is_file()]
+    kinds = (MULTIPLE_CHOICE_TYPE, CLOZE_TYPE)
+    paths = [d.path for d in cfg.datasets or () if d.type in kinds and d.path and Path(d.path).is_file()]
     if not paths:
         raise ValueError(
-            f"TFB draws its anchor set from the config's training data: no dataset of type {MULTIPLE_CHOICE_TYPE} "
+            f"TFB draws its anchor set from the config's training data: no dataset of type {' or '.join(kinds)} "
             "with a local JSONL path under 'datasets:'"
         )
     examples = [example for path in paths for example in read_examples(path)]
@@ -102,7 +105,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
             raise ValueError(f"{args.adapter}: a DoRA adapter; BLoB's posterior (and so TFB's) has no DoRA form")
         anchors = anchor_examples(cfg, args.anchors, cfg.seed or 0)
         tokenizer = load_tokenizer(cfg, args.adapter)
-        label_token_ids(tokenizer, max(len(e["choices"]) for e in anchors))
+        choice_scorer(answer_format(cfg), tokenizer, anchors)  # every anchor scorable in the run's format
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     seed = cfg.seed or 0
@@ -118,7 +121,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
         bayesianize(model, settings.init_std, noise=settings.noise)
     result = bayesianize_tfb(
         model, tokenizer, anchors, args.samples, args.metric, tolerance, (args.sigma_min, args.sigma_max),
-        args.steps, seed, batch_size, settings.eval_draws,
+        args.steps, seed, batch_size, settings.eval_draws, answer_format(cfg),
     )  # fmt: skip
     model.save_pretrained(str(args.out))
     save_posterior(model, args.out, posterior_spec(settings))

@@ -24,8 +24,9 @@ model was trained on.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -34,6 +35,7 @@ LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ANSWER_CUE = "Answer:"
 MULTIPLE_CHOICE_TYPE = "axolotl_blob.multiple_choice"  # the `type:` of a dataset entry that uses this strategy
 FIELDS = ("question", "choices", "answer")
+AnswerFormat = Literal["letters", "cloze"]  # how a question is put to the model: this module's, or axolotl_blob.cloze
 
 
 # --------------------------------------------------------------------------- prompt
@@ -52,7 +54,8 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return f"{type(tokenizer).__name__}({name!r})" if name else type(tokenizer).__name__
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def text_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The text's tokens, no special tokens added."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -72,14 +75,14 @@ def label_token_ids(tokenizer: Any, n_choices: int, context: str = ANSWER_CUE) -
     """
     if not 1 <= n_choices <= len(LABELS):
         raise ValueError(f"n_choices must be in 1..{len(LABELS)}, got {n_choices}")
-    base = _encode(tokenizer, context)
+    base = text_token_ids(tokenizer, context)
     unk = getattr(tokenizer, "unk_token_id", None)
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
     ids: list[int] = []
     for label in LABELS[:n_choices]:
         tried = []
         for form in (" " + label, label):
-            full = _encode(tokenizer, context + form)
+            full = text_token_ids(tokenizer, context + form)
             extra = full[len(base):]
             tokens = tokenizer.convert_ids_to_tokens(extra)
             if full[: len(base)] != base:
@@ -106,7 +109,7 @@ def adds_bos(tokenizer: Any) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
-    return tokenizer("x")["input_ids"][:1] == [bos] and _encode(tokenizer, "x")[:1] != [bos]
+    return tokenizer("x")["input_ids"][:1] == [bos] and text_token_ids(tokenizer, "x")[:1] != [bos]
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str, add_bos: bool | None = None) -> list[int]:
@@ -115,7 +118,7 @@ def prompt_token_ids(tokenizer: Any, prompt: str, add_bos: bool | None = None) -
     Special tokens other than bos (e.g. an eos some tokenizers append) are never added: the answer token must
     follow ``Answer:`` directly.
     """
-    ids = _encode(tokenizer, prompt)
+    ids = text_token_ids(tokenizer, prompt)
     if add_bos is None:
         add_bos = adds_bos(tokenizer)
     return [tokenizer.bos_token_id, *ids] if add_bos else ids
@@ -179,7 +182,7 @@ def read_examples(path: str | Path, require_answer: bool = True) -> list[dict]:
 
 def choice_count(paths: list[str | Path]) -> int:
     """K, the number of choices every question of these files has; a file whose questions differ is an error
-    naming the first line that differs (the label-token likelihood softmaxes over one set of K letters)."""
+    naming the first line that differs (the K-way training losses softmax over one set of K choices)."""
     counts: dict[int, str] = {}
     for path in paths:
         with Path(path).open(encoding="utf-8") as f:
@@ -189,9 +192,9 @@ def choice_count(paths: list[str | Path]) -> int:
     if len(counts) > 1:
         found = ", ".join(f"{k} at {where}" for k, where in sorted(counts.items()))
         raise ValueError(
-            f"multiple_choice.likelihood 'choices' softmaxes over one set of answer letters, but the training "
-            f"questions have different numbers of choices ({found}); give every question the same number of "
-            "choices, or use 'likelihood: vocabulary'"
+            f"the K-way training loss softmaxes over one set of K choices (multiple_choice.likelihood 'choices', or "
+            f"type: axolotl_blob.cloze), but the training questions have different numbers of choices ({found}); give "
+            "every question the same number of choices, or train letter-format data with 'likelihood: vocabulary'"
         )
     return next(iter(counts))
 
@@ -216,22 +219,36 @@ def choice_log_probs(logits: torch.Tensor, labels: torch.Tensor, label_ids: torc
     return torch.log_softmax(picked, dim=-1), index
 
 
-class ChoiceLikelihood:
-    """The Trainer's ``compute_loss_func`` for ``multiple_choice.likelihood: choices``: the cross-entropy over the K
-    answer letters only, −log softmax(logits[answer position, label_token_ids])[answer] (the BLoB reference's
-    likelihood; the calibration block's ``choices`` mode scores the same restriction).
+class ChoiceLoss(ABC):
+    """A K-way cross-entropy as the Trainer's ``compute_loss_func``: −log p(answer) over a question's K choices, from
+    :meth:`choice_log_probs` (the answer format's own scores). The BMA eval loss averages the same K-way
+    probabilities over posterior draws.
 
-    Summed and divided by ``num_items_in_batch`` (the supervised tokens of the whole accumulated batch, across
-    ranks), as the Trainer expects of a ``compute_loss_func``; a plain mean where it passes none (evaluation).
+    Summed and divided by ``num_items_in_batch`` (the questions of the whole accumulated batch, across ranks), as the
+    Trainer expects of a ``compute_loss_func``; a plain mean where it passes none (evaluation).
     """
+
+    @abstractmethod
+    def choice_log_probs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((questions, K) log-softmax over each question's choices, fp32; (questions,) the answer's index)."""
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        log_probs, index = self.choice_log_probs(outputs.logits, labels)
+        nll = -log_probs.gather(-1, index[:, None]).sum()
+        return nll / (num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1))
+
+
+class ChoiceLikelihood(ChoiceLoss):
+    """``multiple_choice.likelihood: choices`` on letter-format data: the cross-entropy over the K answer letters
+    only, −log softmax(logits[answer position, label_token_ids])[answer] (the BLoB reference's likelihood; the
+    calibration block's ``choices`` mode scores the same restriction). One supervised token per question, so the
+    Trainer's count of supervised tokens is the count of questions."""
 
     def __init__(self, label_ids: list[int]):
         self.label_ids = torch.tensor(label_ids)
 
-    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        log_probs, index = choice_log_probs(outputs.logits, labels, self.label_ids)
-        nll = -log_probs.gather(-1, index[:, None]).sum()
-        return nll / (num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1))
+    def choice_log_probs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return choice_log_probs(logits, labels, self.label_ids)
 
 
 # --------------------------------------------------------------------------- Axolotl strategy

@@ -1,5 +1,6 @@
-"""The Axolotl prompt strategy for ``type: axolotl_blob.multiple_choice`` data (see :mod:`axolotl_blob.multiple_choice`,
-whose ``load`` Axolotl calls): the one part of multiple-choice training that needs Axolotl."""
+"""The Axolotl prompt strategies for multiple-choice data, ``type: axolotl_blob.multiple_choice`` (answer letters) and
+``type: axolotl_blob.cloze`` (choice texts); their modules' ``load`` is what Axolotl calls. The one part of
+multiple-choice training that needs Axolotl."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Iterator, Mapping
 from axolotl.prompt_tokenizers import PromptTokenizingStrategy
 from axolotl.prompters import Prompter
 
+from axolotl_blob.cloze import cloze_token_ids, question_row
 from axolotl_blob.multiple_choice import (
     IGNORE_INDEX,
     adds_bos,
@@ -60,3 +62,23 @@ class MultipleChoicePromptTokenizingStrategy(PromptTokenizingStrategy):
             input_ids.append(self.tokenizer.eos_token_id)
             labels.append(IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
+
+
+class ClozePromptTokenizingStrategy(PromptTokenizingStrategy):
+    """One question as one row: ``[bos] prompt``, then every choice's continuation, the answer's first, each with
+    position ids restarting after the prompt (the layout of :mod:`axolotl_blob.cloze`, which the plugin's collator
+    expands into K sequences). No eos: a continuation is scored, never generated. ``train_on_inputs`` is refused at
+    config validation (the K-way loss supervises the choices only)."""
+
+    def __init__(self, prompter: Prompter, tokenizer: Any, train_on_inputs: bool = False, sequence_len: int = 2048):
+        super().__init__(prompter, tokenizer, train_on_inputs, sequence_len)
+        self.add_bos = adds_bos(tokenizer)
+
+    def tokenize_prompt(self, prompt: Mapping[str, Any]) -> dict[str, list[int]]:
+        where = f"cloze row (id={prompt['id']!r})" if prompt.get("id") is not None else "cloze row"
+        validate_example(prompt, where)
+        try:
+            prompt_ids, continuations = cloze_token_ids(self.tokenizer, prompt["question"], list(prompt["choices"]), self.add_bos)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return question_row(prompt_ids, continuations, prompt["answer"])

@@ -43,12 +43,13 @@ from axolotl_blob.compat import (
 from axolotl_blob.engines import is_global_main_process, process_group_gone
 from axolotl_blob.ivon.optimizer import IVON
 from axolotl_blob.ivon.trainer import ivon_optimizer_kwargs, ivon_trainer_cls
+from axolotl_blob.cloze import ClozeCollator, ClozeLikelihood, question_count_trainer_cls
 from axolotl_blob.multiple_choice import ChoiceLikelihood, choice_count, label_token_ids
 from axolotl_blob.rank.adalora import load_adalora
 from axolotl_blob.rank.budget import check_steps
 from axolotl_blob.rank.trainer import STATE_FILE as RANK_STATE_FILE
 from axolotl_blob.rank.trainer import rank_trainer_cls
-from axolotl_blob.run_config import blob_settings, calibration_evaluator, ivon_settings
+from axolotl_blob.run_config import answer_format, blob_settings, calibration_evaluator, ivon_settings
 
 LOG = get_logger(__name__)
 get_logger("axolotl_blob")  # the level of the package's stdlib loggers (compat, rank): their INFO lines reach the log
@@ -62,21 +63,48 @@ def uses_plugin_features(cfg: DictDefault | dict) -> bool:
     """Whether the run selects a feature of this plugin; a run that selects none is left exactly as Axolotl runs it
     (Axolotl 0.21 loads every installed plugin into every run)."""
     cfg = cfg if isinstance(cfg, DictDefault) else DictDefault(cfg)
-    return cfg.adapter in ("blob", "adalora") or cfg.optimizer == "ivon" or bool(cfg.rank_scheduler or cfg.calibration or cfg.multiple_choice)
+    return (
+        cfg.adapter in ("blob", "adalora")
+        or cfg.optimizer == "ivon"
+        or bool(cfg.rank_scheduler or cfg.calibration or cfg.multiple_choice)
+        or answer_format(cfg) == "cloze"
+    )
+
+
+def training_choice_count(cfg: DictDefault) -> int:
+    """K of the training (and test) questions; one K for all (config validation checked)."""
+    return choice_count([entry["path"] for entry in [*cfg.datasets, *(cfg.test_datasets or [])]])
+
+
+def _check_loss_free(trainer, feature: str) -> None:
+    if trainer.compute_loss_func is not None:
+        raise ValueError(
+            f"{feature} replaces the Trainer's loss, which another setting already replaced "
+            f"({trainer.compute_loss_func!r}); use one of them"
+        )
 
 
 def install_choice_likelihood(cfg: DictDefault, trainer) -> None:
     """`multiple_choice.likelihood: choices`: the Trainer's loss (and eval loss) becomes the K-way cross-entropy over
     the answer letters, for any adapter, through the Trainer's own `compute_loss_func`."""
-    if trainer.compute_loss_func is not None:
-        raise ValueError(
-            f"multiple_choice.likelihood 'choices' replaces the Trainer's loss, which another setting already "
-            f"replaced ({trainer.compute_loss_func!r}); use one of them"
-        )
-    n_choices = choice_count([entry["path"] for entry in [*cfg.datasets, *(cfg.test_datasets or [])]])
+    _check_loss_free(trainer, "multiple_choice.likelihood 'choices'")
+    n_choices = training_choice_count(cfg)
     label_ids = label_token_ids(trainer.processing_class, n_choices)
     trainer.compute_loss_func = ChoiceLikelihood(label_ids)
     LOG.info(f"multiple_choice: training on the {n_choices}-way cross-entropy over the answer-letter tokens {label_ids}")
+
+
+def install_cloze(cfg: DictDefault, trainer) -> None:
+    """`type: axolotl_blob.cloze` data: the collators expand each question row into its K choice sequences, and the loss
+    (and eval loss) becomes the K-way cross-entropy over the choices' mean token log-likelihoods."""
+    _check_loss_free(trainer, "type: axolotl_blob.cloze")
+    n_choices, tokenizer = training_choice_count(cfg), trainer.processing_class
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for name in ("data_collator", "train_data_collator", "eval_data_collator"):
+        if getattr(trainer, name, None) is not None:
+            setattr(trainer, name, ClozeCollator(getattr(trainer, name), n_choices, pad_id))
+    trainer.compute_loss_func = ClozeLikelihood(n_choices)
+    LOG.info(f"cloze: training on the {n_choices}-way cross-entropy over the choices' mean token log-likelihoods")
 
 
 def adapter_seed(cfg: DictDefault) -> int:
@@ -207,12 +235,15 @@ class BlobPlugin(BasePlugin):
         return {**cpu_training_args(deepspeed=bool(cfg.deepspeed)), **({"optim": "adamw_torch"} if cfg.optimizer == "ivon" else {})}
 
     def get_trainer_cls(self, cfg: DictDefault):
-        if cfg.adapter != "blob" and cfg.optimizer != "ivon" and not cfg.rank_scheduler:
+        cloze = answer_format(cfg) == "cloze"
+        if cfg.adapter != "blob" and cfg.optimizer != "ivon" and not cfg.rank_scheduler and not cloze:
             return None
         from axolotl.core.trainers.base import AxolotlTrainer
         from axolotl.utils.import_helper import get_cls_from_module_str
 
         trainer_cls = get_cls_from_module_str(cfg.trainer_cls) if cfg.trainer_cls else AxolotlTrainer
+        if cloze:
+            trainer_cls = question_count_trainer_cls(trainer_cls, training_choice_count(cfg))
         if cfg.adapter == "blob":
             trainer_cls = blob_trainer_cls(trainer_cls, blob_settings(cfg))
         if cfg.rank_scheduler:  # inside IVON's sampling: the regulariser is part of each sample's loss
@@ -227,7 +258,9 @@ class BlobPlugin(BasePlugin):
         if cfg.rank_scheduler and trainer.args.max_steps > 0:
             settings = rank_scheduler_settings(cfg)
             check_steps(settings.t_init, settings.t_final, trainer.args.max_steps)
-        if cfg.multiple_choice and MultipleChoiceSettings(**dict(cfg.multiple_choice)).likelihood == "choices":
+        if answer_format(cfg) == "cloze":
+            install_cloze(cfg, trainer)
+        elif cfg.multiple_choice and MultipleChoiceSettings(**dict(cfg.multiple_choice)).likelihood == "choices":
             install_choice_likelihood(cfg, trainer)
         if cfg.optimizer != "ivon":
             return

@@ -18,6 +18,8 @@ import yaml
 
 from axolotl_blob.args import BlobSettings, CalibrationSettings, IvonSettings
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
+from axolotl_blob.cloze import CLOZE_TYPE
+from axolotl_blob.multiple_choice import AnswerFormat
 
 TOKENIZER_FILE = "tokenizer_config.json"  # written beside the adapter by Axolotl's final save and every checkpoint-N
 
@@ -99,6 +101,13 @@ def ivon_settings(cfg: Any) -> IvonSettings:
     return IvonSettings(**dict(cfg.ivon or {}))
 
 
+def answer_format(cfg: Any) -> AnswerFormat:
+    """How the run puts questions to the model: `cloze` when it trains on `type: axolotl_blob.cloze` data (args.py
+    refuses a mix of formats), else answer letters. Its scorers (calibration, evaluate, predict, TFB) follow it."""
+    entries = [*(cfg.datasets or []), *(cfg.test_datasets or [])]
+    return "cloze" if any((entry or {}).get("type") == CLOZE_TYPE for entry in entries) else "letters"
+
+
 def calibration_evaluator(cfg: Any, samples: int | None = None) -> CalibrationEvaluator:
     """The `calibration:` block with its sample count resolved: explicit, else the posterior source's own."""
     settings = CalibrationSettings(**dict(cfg.calibration))
@@ -109,4 +118,4 @@ def calibration_evaluator(cfg: Any, samples: int | None = None) -> CalibrationEv
             samples = ivon_settings(cfg).eval_samples
         else:
             samples = blob_settings(cfg).eval_samples if cfg.adapter == "blob" else 0
-    return CalibrationEvaluator(settings, samples)
+    return CalibrationEvaluator(settings, samples, answer_format(cfg))

@@ -15,7 +15,7 @@ from torch import nn
 
 from axolotl_blob.blob.layer import DEFAULT_EVAL_DRAWS, EvalDraws
 from axolotl_blob.blob.model import blob_layers, posterior_sampling
-from axolotl_blob.multiple_choice import choice_log_probs
+from axolotl_blob.multiple_choice import ChoiceLoss
 
 
 class PosteriorSampler(Protocol):
@@ -140,17 +140,17 @@ def bma_token_nll(
 
 @torch.no_grad()
 def bma_choice_nll(
-    model: nn.Module, model_inputs: dict, labels: torch.Tensor, label_ids: torch.Tensor, sampler: PosteriorSampler, n_samples: int
+    model: nn.Module, model_inputs: dict, labels: torch.Tensor, likelihood: ChoiceLoss, sampler: PosteriorSampler, n_samples: int
 ) -> torch.Tensor:
-    """−log((1/N) Σ_n p_n(answer)) with p_n the softmax over the K answer letters (multiple_choice.likelihood:
-    choices), mean over the supervised positions."""
+    """−log((1/N) Σ_n p_n(answer)) with p_n the K-way softmax of the training loss `likelihood` (the answer letters,
+    or the cloze choices' scores), mean over the questions."""
     answers: list[torch.Tensor] = []
 
-    def letter_log_probs() -> Iterator[torch.Tensor]:
+    def draw_log_probs() -> Iterator[torch.Tensor]:
         for _ in sampler.draws(n_samples):
-            log_probs, index = choice_log_probs(model(**model_inputs).logits, labels, label_ids)
+            log_probs, index = likelihood.choice_log_probs(model(**model_inputs).logits, labels)
             answers.append(index)
             yield log_probs
 
-    averaged = log_mean_exp(letter_log_probs())
+    averaged = log_mean_exp(draw_log_probs())
     return -averaged.gather(-1, answers[0][:, None]).mean()

@@ -107,21 +107,22 @@ def test_token_scoring_matches_a_direct_computation(model_and_tokenizer):
     assert state.compute()["n"] == int(mask.sum())
 
 
-def test_the_output_layer_projects_only_the_answer_positions(model_and_tokenizer):
-    """Inside answer_position_logits the model returns (batch, 1, vocabulary) logits, equal to the full forward's
-    at the given positions; outside it, every position again."""
-    from axolotl_blob.calibration.scoring import answer_position_logits
+def test_the_output_layer_projects_only_the_selected_positions(model_and_tokenizer):
+    """Inside selected_position_logits the model returns (selections, 1, vocabulary) logits, equal to the full
+    forward's at the given (row, position) pairs (several per row, as the cloze format selects); outside it, every
+    position again."""
+    from axolotl_blob.calibration.scoring import selected_position_logits
 
     model, _ = model_and_tokenizer
     ids = torch.randint(4, 100, (3, 9))
-    positions = torch.tensor([8, 2, 5])
+    rows, positions = torch.tensor([0, 1, 2, 2]), torch.tensor([8, 2, 5, 6])
     with torch.no_grad():
         full = model(input_ids=ids).logits
-        with answer_position_logits(model, positions):
+        with selected_position_logits(model, rows, positions):
             selected = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
-    assert selected.shape == (3, 1, full.shape[-1]) and after.shape == full.shape
-    torch.testing.assert_close(selected[:, 0], full[torch.arange(3), positions], rtol=1e-5, atol=1e-6)
+    assert selected.shape == (4, 1, full.shape[-1]) and after.shape == full.shape
+    torch.testing.assert_close(selected[:, 0], full[rows, positions], rtol=1e-5, atol=1e-6)
 
 
 def test_length_sorted_batches_cover_every_position_once_shortest_first():

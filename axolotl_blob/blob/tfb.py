@@ -35,6 +35,7 @@ from torch import nn
 from axolotl_blob.blob.layer import DEFAULT_EVAL_DRAWS, EvalDraws
 from axolotl_blob.blob.model import blob_layers, module_key, unwrap_model
 from axolotl_blob.calibration.scoring import ordered_choice_probabilities
+from axolotl_blob.multiple_choice import AnswerFormat
 from axolotl_blob.sampling import blob_sampler
 
 ChangeMetric = Literal["nll", "flip", "nll_reference"]
@@ -173,8 +174,9 @@ def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric:
     return relative / len(answers) if metric == "nll_reference" else relative
 
 
-def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws: EvalDraws) -> torch.Tensor:
-    return ordered_choice_probabilities(model, tokenizer, anchors, blob_sampler(model, draws), n_samples, batch_size)[0]
+def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws: EvalDraws, answer_format: AnswerFormat) -> torch.Tensor:
+    sampler = blob_sampler(model, draws)
+    return ordered_choice_probabilities(model, tokenizer, anchors, sampler, n_samples, batch_size, answer_format=answer_format)[0]
 
 
 @dataclass
@@ -199,21 +201,23 @@ def bayesianize_tfb(
     seed: int = 0,
     batch_size: int = 8,
     draws: EvalDraws = DEFAULT_EVAL_DRAWS,
+    answer_format: AnswerFormat = "letters",
 ) -> TfbResult:
     """TFB in place on a model whose LoRA layers already carry BLoB posteriors (`blob.model.bayesianize`):
     re-parameterise, search σ_q on the multiple-choice `anchors` (tolerance, bracket and steps: the metric's
-    `SEARCH_DEFAULTS` unless given; the BMA sampled as `draws`, as evaluation will), and set the posterior to the σ_q
+    `SEARCH_DEFAULTS` unless given; the BMA sampled as `draws` and the questions put in `answer_format`, as evaluation
+    will), and set the posterior to the σ_q
     found. Give it an fp32 model: the tolerance is finer than bf16's rounding of the logits."""
     if n_samples < 1:
         raise ValueError(f"TFB's search averages posterior samples: n_samples must be >= 1, got {n_samples}")
     defaults = SEARCH_DEFAULTS[metric]
     inverse_singular_values = svd_reparameterize(model)
-    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size, draws)
+    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size, draws, answer_format)
 
     def change(sigma_q: float) -> float:
         set_noise_scale(model, inverse_singular_values, sigma_q)
         torch.manual_seed(seed)  # the same noise for every σ_q: the change grows with σ_q, not with luck
-        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws)
+        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws, answer_format)
         return prediction_change(mean_probs, bma_probs, metric)
 
     search = search_sigma(

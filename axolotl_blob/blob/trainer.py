@@ -30,7 +30,7 @@ from axolotl_blob.blob.model import (
 )
 from axolotl_blob.blob.optimizer import MEAN, SIGMA, BlobOptimizer, first_non_finite, set_kl_weight
 from axolotl_blob.engines import is_sharded, is_zero3_partitioned, local_shard
-from axolotl_blob.multiple_choice import ChoiceLikelihood
+from axolotl_blob.multiple_choice import ChoiceLoss
 from axolotl_blob.sampling import blob_sampler, bma_choice_nll, bma_log_probs, bma_token_nll, next_token_nll
 
 if TYPE_CHECKING:
@@ -168,15 +168,15 @@ class BlobTrainerMixin:
 
     def _bma_eval_loss(self, model, inputs, return_outputs: bool):
         """Eval loss = NLL of the probabilities averaged over `eval_samples` posterior draws (over the K answer
-        letters under multiple_choice.likelihood: choices)."""
+        choices under a K-way training loss: multiple_choice.likelihood choices, or cloze data)."""
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         sampler, n_samples = blob_sampler(model, self.blob_settings.eval_draws), self.blob_settings.eval_samples
         if return_outputs and not self.args.prediction_loss_only:
             log_probs = bma_log_probs(model, model_inputs, sampler, n_samples)
             return next_token_nll(log_probs, inputs["labels"]), {"logits": log_probs}
-        choices = getattr(self, "compute_loss_func", None)
-        if isinstance(choices, ChoiceLikelihood):  # multiple_choice.likelihood: choices
-            loss = bma_choice_nll(model, model_inputs, inputs["labels"], choices.label_ids, sampler, n_samples)
+        likelihood = getattr(self, "compute_loss_func", None)
+        if isinstance(likelihood, ChoiceLoss):
+            loss = bma_choice_nll(model, model_inputs, inputs["labels"], likelihood, sampler, n_samples)
         else:
             loss = bma_token_nll(model, model_inputs, inputs["labels"], sampler, n_samples)
         return (loss, {}) if return_outputs else loss

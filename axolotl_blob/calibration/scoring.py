@@ -1,7 +1,8 @@
 """Scoring a model into a CalibrationState, in the two modes of the `calibration:` block.
 
-`choices`: multiple-choice prompts; the next-token logits at the last prompt position restricted to the choice
-labels (A, B, …), softmaxed over those K, averaged as probabilities over the posterior draws.
+`choices`: multiple-choice questions, each draw's K choice scores softmaxed and the probabilities averaged over the
+posterior draws; the scores are the answer letters' logits at the last prompt position (letter format) or each choice
+text's mean token log-probability after the question (cloze format, :mod:`axolotl_blob.cloze`).
 `tokens`: every supervised next token of an ordinary eval dataloader, K = the vocabulary.
 Examples are sharded over ranks; the summed states are all-reduced and the per-example records all-gathered, so
 every rank returns the global metrics.
@@ -22,7 +23,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from axolotl_blob.blob.model import unwrap_model
 from axolotl_blob.calibration.metrics import CalibrationState, entropy
-from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids
+from axolotl_blob.cloze import cloze_token_ids
+from axolotl_blob.multiple_choice import AnswerFormat, format_prompt, label_token_ids, prompt_token_ids
 from axolotl_blob.sampling import PosteriorSampler
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
@@ -73,16 +75,15 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def answer_position_logits(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
-    """Inside: the output projection sees only each row's hidden state at `positions` (the logits come out
-    (batch, 1, vocabulary)), not every position's: for SmolLM2 a 49 152-wide projection per token saved. A forward
-    pre-hook on the model's own output layer, so whatever the model does after it (soft-capping, scaling) still
-    applies; a model without one scores every position as before."""
+def selected_position_logits(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Inside: the output projection sees only the hidden states at (`rows`, `positions`), so the logits come out
+    (len(rows), 1, vocabulary), not one row per position of the batch: for SmolLM2 a 49 152-wide projection per
+    unscored token saved. A forward pre-hook on the model's own output layer, so whatever the model does after it
+    (soft-capping, scaling) still applies; a model without one scores every position as before."""
     head = unwrap_model(model).get_output_embeddings()
     if head is None:
         yield
         return
-    rows = torch.arange(len(positions), device=positions.device)
 
     def select(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden = args[0]
@@ -161,7 +162,107 @@ def length_sorted_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
+def _padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, lengths) of right-padded `sequences`: padding keeps every row's positions."""
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    input_ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+    return input_ids, (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(), lengths
+
+
+class LetterScorer:
+    """The letter format: one prompt per question, the K answer letters' logits at its last position."""
+
+    def __init__(self, tokenizer, examples: Sequence[dict]):
+        self.label_ids = torch.tensor(label_token_ids(tokenizer, max(len(e["choices"]) for e in examples)))
+        self.prompts = [prompt_token_ids(tokenizer, format_prompt(e["question"], e["choices"])) for e in examples]
+        self.lengths = [len(prompt) for prompt in self.prompts]
+
+    def batch(self, positions: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask, lengths = _padded([self.prompts[i] for i in positions], pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "rows": torch.arange(len(positions)), "positions": lengths - 1}
+
+    def scores(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], max_choices: int) -> torch.Tensor:
+        return logits[:, 0].float().cpu()[:, self.label_ids[:max_choices]]
+
+
+class ClozeScorer:
+    """The cloze format: K sequences ``[bos] prompt choice_k`` per question, each choice's mean token log-probability
+    (:mod:`axolotl_blob.cloze`); the head sees only the positions that predict a choice token."""
+
+    def __init__(self, tokenizer, examples: Sequence[dict]):
+        encoded = [cloze_token_ids(tokenizer, e["question"], e["choices"]) for e in examples]
+        self.sequences = [[prompt + choice for choice in choices] for prompt, choices in encoded]
+        self.prompt_lengths = [len(prompt) for prompt, _ in encoded]
+        self.lengths = [max(len(sequence) for sequence in sequences) for sequences in self.sequences]
+
+    def batch(self, positions: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        sequences = [sequence for i in positions for sequence in self.sequences[i]]
+        starts = [self.prompt_lengths[i] for i in positions for _ in self.sequences[i]]
+        input_ids, attention_mask, lengths = _padded(sequences, pad_id)
+        rows = torch.cat([torch.full((int(end) - start,), row) for row, (start, end) in enumerate(zip(starts, lengths))])
+        predicting = torch.cat([torch.arange(start - 1, int(end) - 1) for start, end in zip(starts, lengths)])
+        questions = torch.tensor([q for q, i in enumerate(positions) for _ in self.sequences[i]])
+        choices = torch.tensor([k for i in positions for k in range(len(self.sequences[i]))])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "rows": rows, "positions": predicting,
+                "questions": questions, "choices": choices}  # fmt: skip
+
+    def scores(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], max_choices: int) -> torch.Tensor:
+        rows, positions = batch["rows"], batch["positions"]
+        targets = batch["input_ids"][rows, positions + 1].to(logits.device)
+        picked = logits[:, 0].float()
+        token_log_probs = (picked.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)).cpu().double()
+        n_sequences = len(batch["questions"])
+        totals = torch.zeros(n_sequences, dtype=torch.float64).index_add_(0, rows, token_log_probs)
+        means = totals / torch.bincount(rows, minlength=n_sequences)
+        scores = torch.full((int(batch["questions"].max()) + 1, max_choices), float("-inf"), dtype=torch.float64)
+        scores[batch["questions"], batch["choices"]] = means
+        return scores
+
+
+def choice_scorer(answer_format: AnswerFormat, tokenizer, examples: Sequence[dict]) -> LetterScorer | ClozeScorer:
+    return (ClozeScorer if answer_format == "cloze" else LetterScorer)(tokenizer, examples)
+
+
 @torch.no_grad()
+def choice_draw_log_probs(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    sampler: PosteriorSampler,
+    n_samples: int,
+    batch_size: int = 8,
+    autocast: AutocastFactory = contextlib.nullcontext,
+    *,
+    answer_format: AnswerFormat = "letters",
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Per batch of multiple-choice `examples` (dicts with question and choices): the positions of its examples in
+    `examples` (batches hold prompts of similar length) and each draw's log-softmax over each question's choices,
+    (draws, batch, K) in fp64, −inf beyond a question's own choices. In the cloze format the K sequences of a question
+    go through one forward, so they share its posterior draw."""
+    if not examples:  # a rank with no shard of a tiny dataset
+        return
+    max_choices = max(len(example["choices"]) for example in examples)
+    scorer = choice_scorer(answer_format, tokenizer, examples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _device(model)
+    with eval_forward(model, autocast) as forward:
+        for positions in length_sorted_batches(scorer.lengths, batch_size):
+            batch = scorer.batch(positions, pad_id)
+            n_choices = torch.tensor([len(examples[i]["choices"]) for i in positions])
+            valid = torch.arange(max_choices)[None, :] < n_choices[:, None]
+            draws = []
+            for _ in sampler.draws(n_samples):
+                with selected_position_logits(model, batch["rows"].to(device), batch["positions"].to(device)):
+                    logits = forward(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+                if logits.shape[1] != 1:  # a model without an output layer to hook: every position came out
+                    logits = logits[batch["rows"].to(logits.device), batch["positions"].to(logits.device)].unsqueeze(1)
+                scores = scorer.scores(logits, batch, max_choices).double().masked_fill(~valid, float("-inf"))
+                draws.append(torch.log_softmax(scores, dim=-1))
+            yield positions, torch.stack(draws)
+
+
 def choice_probabilities(
     model: nn.Module,
     tokenizer,
@@ -170,38 +271,41 @@ def choice_probabilities(
     n_samples: int,
     batch_size: int = 8,
     autocast: AutocastFactory = contextlib.nullcontext,
+    *,
+    answer_format: AnswerFormat = "letters",
+    temperature: float = 1.0,
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """Per batch of multiple-choice `examples` (dicts with question and choices): the positions of its examples in
-    `examples` (batches hold prompts of similar length), the (batch, K) posterior-averaged probabilities over the
-    choice labels (0 beyond an example's own choices, fp64), and the mean over draws of each draw's entropy
-    H(p_n) (None for a single pass)."""
-    if not examples:  # a rank with no shard of a tiny dataset
-        return
-    max_choices = max(len(example["choices"]) for example in examples)
-    label_ids = torch.tensor(label_token_ids(tokenizer, max_choices))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _device(model)
-    prompts = [prompt_token_ids(tokenizer, format_prompt(e["question"], e["choices"])) for e in examples]
-    with eval_forward(model, autocast) as forward:
-        for positions in length_sorted_batches([len(p) for p in prompts], batch_size):
-            lengths = torch.tensor([len(prompts[i]) for i in positions])
-            input_ids = torch.full((len(positions), int(lengths.max())), pad_id, dtype=torch.long)
-            for row, i in enumerate(positions):  # right padding keeps every prompt's positions unchanged
-                input_ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
-            attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-            n_choices = torch.tensor([len(examples[i]["choices"]) for i in positions])
-            valid = torch.arange(max_choices)[None, :] < n_choices[:, None]
-            last_positions = (lengths - 1).to(device)
-            draws = []
-            for _ in sampler.draws(n_samples):
-                with answer_position_logits(model, last_positions):
-                    logits = forward(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                rows = torch.arange(len(positions), device=logits.device)
-                last = logits[:, 0] if logits.shape[1] == 1 else logits[rows, last_positions.to(logits.device)]
-                choice_logits = last.float().cpu()[:, label_ids].masked_fill(~valid, float("-inf"))
-                draws.append(torch.softmax(choice_logits.double(), dim=-1))
-            stacked = torch.stack(draws)
-            yield positions, stacked.mean(0), entropy(stacked).mean(0) if len(draws) > 1 else None
+    """Per batch of :func:`choice_draw_log_probs`: the positions, the (batch, K) posterior-averaged probabilities
+    (1/N) Σ_n softmax(s_n / T) over the choices (0 beyond an example's own, fp64) — `temperature` divides each draw's
+    scores before the average — and the mean over draws of each draw's entropy H(p_n) (None for a single pass)."""
+    for positions, log_probs in choice_draw_log_probs(
+        model, tokenizer, examples, sampler, n_samples, batch_size, autocast, answer_format=answer_format
+    ):
+        draws = torch.softmax(log_probs / temperature, dim=-1)
+        yield positions, draws.mean(0), entropy(draws).mean(0) if len(draws) > 1 else None
+
+
+def ordered_choice_draw_log_probs(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    sampler: PosteriorSampler,
+    n_samples: int,
+    batch_size: int = 8,
+    autocast: AutocastFactory = contextlib.nullcontext,
+    *,
+    answer_format: AnswerFormat = "letters",
+) -> torch.Tensor:
+    """:func:`choice_draw_log_probs` of all `examples` in their order: (draws, n, K) (what a temperature is fitted on)."""
+    out = None
+    for positions, log_probs in choice_draw_log_probs(
+        model, tokenizer, examples, sampler, n_samples, batch_size, autocast, answer_format=answer_format
+    ):
+        if out is None:
+            k = max(len(e["choices"]) for e in examples)
+            out = torch.full((len(log_probs), len(examples), k), float("-inf"), dtype=torch.float64)
+        out[:, positions] = log_probs
+    return out
 
 
 def ordered_choice_probabilities(
@@ -213,13 +317,16 @@ def ordered_choice_probabilities(
     batch_size: int = 8,
     autocast: AutocastFactory = contextlib.nullcontext,
     on_batch: Callable[[int], object] | None = None,
+    *,
+    answer_format: AnswerFormat = "letters",
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`choice_probabilities` of all `examples`, in their order: (n, K) probabilities and (n,) mean draw
     entropies (None for a single pass); `on_batch(count)` after each batch (a progress bar)."""
     probs = torch.zeros(len(examples), max((len(e["choices"]) for e in examples), default=0), dtype=torch.float64)
     draw_entropy = None
     for positions, batch_probs, batch_entropy in choice_probabilities(
-        model, tokenizer, examples, sampler, n_samples, batch_size, autocast
+        model, tokenizer, examples, sampler, n_samples, batch_size, autocast, answer_format=answer_format, temperature=temperature
     ):
         probs[positions] = batch_probs
         if batch_entropy is not None:
@@ -239,13 +346,16 @@ def score_choices(
     n_bins: int = 15,
     batch_size: int = 8,
     autocast: AutocastFactory = contextlib.nullcontext,
+    *,
+    answer_format: AnswerFormat = "letters",
+    temperature: float = 1.0,
 ) -> CalibrationState:
     """Calibration state of multiple-choice `examples` (dicts with question, choices, answer)."""
     rank, world = _rank_and_world()
     state = CalibrationState(n_bins)
     shard = examples[rank::world]
     for positions, probs, draw_entropy in choice_probabilities(
-        model, tokenizer, shard, sampler, n_samples, batch_size, autocast
+        model, tokenizer, shard, sampler, n_samples, batch_size, autocast, answer_format=answer_format, temperature=temperature
     ):
         indices = rank + world * torch.tensor(positions)  # position in `examples`
         state.update(probs, torch.tensor([shard[i]["answer"] for i in positions]), draw_entropy, indices)
