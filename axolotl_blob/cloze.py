@@ -121,6 +121,8 @@ class ClozeCollator:
         return expand_questions(self.collator(features), self.n_choices, self.pad_id)
 
     def __getattr__(self, name: str) -> Any:  # the Trainer reads e.g. `.tokenizer` of its collator
+        if name == "collator":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.collator, name)
 
 

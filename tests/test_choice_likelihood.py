@@ -72,7 +72,7 @@ def test_training_logs_the_k_way_loss(adapter, questions, tiny_model_dir, tmp_pa
 
 BAD_INPUTS = [
     ("choices on completion data", {"multiple_choice": {"likelihood": "choices"}},
-     "multiple_choice.likelihood 'choices' trains on answer letters: datasets\\[0\\] has type 'completion'"),
+     "multiple_choice.likelihood 'choices' trains on one multiple-choice format: datasets\\[0\\] has type 'completion'"),
     ("misspelt key", {"multiple_choice": {"likelyhood": "choices"}}, "Did you mean 'multiple_choice.likelihood'?"),
     ("unknown sigma update", {"blob": {"sigma_update": "adam"}}, "Input should be 'reference' or 'optimizer'"),
     ("unknown cycle name", {"blob": {"kl_cycle_steps": "rescale"}}, "Input should be 'rescaled'"),

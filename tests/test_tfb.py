@@ -162,7 +162,7 @@ def test_the_sigma_q_search_of_each_rule_on_a_fake_nll(metric, monkeypatch):
     monkeypatch.setattr(tfb, "svd_reparameterize", lambda model: {})
     monkeypatch.setattr(tfb, "set_noise_scale", lambda model, inverse, sigma_q: current.update(sigma=sigma_q))
 
-    def anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws):
+    def anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws, answer_format):
         draws_used.add(draws)
         return MEAN_PROBS if n_samples == 0 else fake_bma_probs(current["sigma"])
 
