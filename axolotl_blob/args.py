@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from axolotl_blob.blob.layer import DEFAULT_EVAL_DRAWS
 from axolotl_blob.blob.model import missing_posterior_files
+from axolotl_blob.cloze import CLOZE_TYPE
 from axolotl_blob.compat import axolotl_version
 from axolotl_blob.multiple_choice import MULTIPLE_CHOICE_TYPE, choice_count, read_examples
 from axolotl_blob.rank.budget import check_steps
@@ -115,6 +117,14 @@ class MultipleChoiceSettings(StrictBlock):
         description="vocabulary: the answer letter's NLL over the whole vocabulary; choices: the cross-entropy over "
         "the K answer letters only (the BLoB reference's likelihood, what calibration mode 'choices' scores)",
     )
+
+
+def _dataset_entries(data: dict) -> Iterator[tuple[str, int, Any, Any]]:
+    """(key, index, type, path) of every entry of `datasets` and `test_datasets` (dicts or Axolotl's models)."""
+    for key in ("datasets", "test_datasets"):
+        for i, entry in enumerate(data.get(key) or []):
+            kind, path = (entry.get(k) if isinstance(entry, dict) else getattr(entry, k, None) for k in ("type", "path"))
+            yield key, i, kind, path
 
 
 def reject_keys(data: dict, feature: str, rows: tuple[tuple[str, str], ...]) -> None:
@@ -285,6 +295,12 @@ class CalibrationSettings(StrictBlock):
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
     plots: bool = Field(True, description="write a reliability-diagram PNG per dataset and evaluation")
     at_end: bool = Field(True, description="also evaluate once when training ends")
+    fit_temperature: str | None = Field(
+        None,
+        description="multiple-choice JSONL of held-out examples: at every evaluation a temperature T is fitted on it "
+        "(each posterior draw's choice logits / T, the same draws as the evaluation), the datasets are scored with "
+        "it, and the last T is saved as output_dir/temperature.json; default: no temperature",
+    )
 
     @model_validator(mode="after")
     def _datasets_fit_the_mode(self) -> "CalibrationSettings":
@@ -299,9 +315,26 @@ class CalibrationSettings(StrictBlock):
             if len(set(labels)) != len(labels):
                 raise ValueError(f"calibration.datasets: names {labels} repeat; give each a distinct 'name'")
             self._check_ood_label_sets()
+            self._check_held_out_file()
         elif self.datasets:
             raise ValueError("calibration.mode 'tokens' scores Axolotl's own eval split; remove calibration.datasets")
+        elif self.fit_temperature:
+            raise ValueError("calibration.fit_temperature scores multiple-choice questions: set calibration.mode: choices")
         return self
+
+    def _check_held_out_file(self) -> None:
+        """T must be fitted on examples the reports are not computed on."""
+        if not self.fit_temperature:
+            return
+        if not Path(self.fit_temperature).is_file():
+            raise ValueError(f"calibration.fit_temperature: file '{self.fit_temperature}' does not exist")
+        read_examples(self.fit_temperature)  # every line checked now, before any weights load
+        scored = [d.path for d in self.datasets if Path(d.path).resolve() == Path(self.fit_temperature).resolve()]
+        if scored:
+            raise ValueError(
+                f"calibration.fit_temperature: '{self.fit_temperature}' is also in calibration.datasets; fit T on "
+                "held-out examples the reports are not computed on (e.g. a slice of the training file)"
+            )
 
     def _check_ood_label_sets(self) -> None:
         """OOD questions must be scored over the same answer labels as the in-distribution ones, or max
@@ -353,27 +386,34 @@ class BlobPluginArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _check_multiple_choice_combinations(cls, data: Any) -> Any:
-        if not (isinstance(data, dict) and isinstance(data.get("multiple_choice"), dict)):
+        if not isinstance(data, dict):
             return data
-        MultipleChoiceSettings._known_keys(data["multiple_choice"])
-        if data["multiple_choice"].get("likelihood") != "choices":
+        block = data.get("multiple_choice") if isinstance(data.get("multiple_choice"), dict) else {}
+        MultipleChoiceSettings._known_keys(block)
+        cloze = any(kind == CLOZE_TYPE for _, _, kind, _ in _dataset_entries(data))
+        if cloze and block.get("likelihood", "choices") != "choices":
+            raise ValueError(
+                f"type: {CLOZE_TYPE} data trains on the K-way cross-entropy over its choices; remove "
+                f"multiple_choice.likelihood {block.get('likelihood')!r} (or set it to 'choices')"
+            )
+        if not cloze and block.get("likelihood") != "choices":
             return data
-        feature = "multiple_choice.likelihood 'choices'"
+        feature = f"type: {CLOZE_TYPE}" if cloze else "multiple_choice.likelihood 'choices'"
+        wanted = CLOZE_TYPE if cloze else MULTIPLE_CHOICE_TYPE
         paths = []
-        for key in ("datasets", "test_datasets"):
-            for i, entry in enumerate(data.get(key) or []):
-                kind, path = (entry.get(k) if isinstance(entry, dict) else getattr(entry, k, None) for k in ("type", "path"))
-                if kind != MULTIPLE_CHOICE_TYPE:
-                    raise ValueError(f"{feature} trains on answer letters: {key}[{i}] has type {kind!r}; use 'type: {MULTIPLE_CHOICE_TYPE}'")
-                if not Path(str(path)).is_file():
-                    raise ValueError(f"{feature}: {key}[{i}].path {path!r} is not a local JSONL file (its number of choices is read from it)")
-                paths.append(path)
+        for key, i, kind, path in _dataset_entries(data):
+            if kind != wanted:
+                raise ValueError(f"{feature} trains on one multiple-choice format: {key}[{i}] has type {kind!r}; use 'type: {wanted}'")
+            if not Path(str(path)).is_file():
+                raise ValueError(f"{feature}: {key}[{i}].path {path!r} is not a local JSONL file (its number of choices is read from it)")
+            paths.append(path)
         if not paths:
-            raise ValueError(f"{feature} needs 'datasets' of type {MULTIPLE_CHOICE_TYPE}")
+            raise ValueError(f"{feature} needs 'datasets' of type {wanted}")
         choice_count(paths)
         reject_keys(data, feature, (
-            ("train_on_inputs", "only the answer letter may be supervised; remove 'train_on_inputs'"),
+            ("train_on_inputs", "only the answer may be supervised; remove 'train_on_inputs'"),
             ("rl", "it is a supervised multiple-choice loss; remove 'rl'"),
+            *((("sample_packing", "a packed row would hold several questions, which the K-way loss cannot tell apart; remove 'sample_packing'"),) if cloze else ()),
         ))  # fmt: skip
         return data
 

@@ -1,12 +1,13 @@
 """Post-hoc calibration evaluation of a saved adapter (BLoB or plain LoRA) on a config's calibration datasets.
 
     python -m axolotl_blob.evaluate CONFIG --adapter DIR [--samples N] [--json OUT] [--draws per_token|whole_weights]
-        [--mc-dropout | --fit-temperature FILE]
+        [--mc-dropout] [--fit-temperature FILE | --temperature T|none]
 
 The base model comes from the config, in the dtype training loaded it in, the tokenizer from the adapter directory
 (where training saved it; else the config's); a BLoB adapter directory (one with blob_posterior.safetensors) is
-evaluated with its full posterior, anything else as a point estimate. stdout gets the report only (the metrics table,
-and the fitted temperature); logs go to stderr.
+evaluated with its full posterior, anything else as a point estimate. A temperature saved beside the adapter
+(temperature.json) divides each posterior draw's choice logits unless --temperature says otherwise. stdout gets the
+report only (the metrics table, and the fitted temperature); logs go to stderr.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from axolotl_blob.blob.model import (
     saved_eval_draws,
 )
 from axolotl_blob.calibration.report import format_table, scalar_metrics
+from axolotl_blob.calibration.temperature import draws_kind
+from axolotl_blob.calibration.temperature_file import (
+    TEMPERATURE_FILE,
+    add_temperature_flag,
+    applied_temperature,
+    warn_on_other_draws,
+    write_temperature,
+)
 from axolotl_blob.cli import HelpFormatter, results_only_stdout
 from axolotl_blob.io import non_finite_as_null, write_json
-from axolotl_blob.multiple_choice import read_examples
 from axolotl_blob.run_config import (
     calibration_evaluator,
     inference_device_and_autocast,
@@ -66,13 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draws", choices=("per_token", "whole_weights"), default=None,
                         help="how a BLoB posterior is sampled: per-token draws of its noise path, or one A per layer "
                              "and forward (default: as saved with it, blob_config.json's eval_draws)")  # fmt: skip
-    posthoc = parser.add_mutually_exclusive_group()
-    posthoc.add_argument("--mc-dropout", action="store_true", help="MC dropout: the N samples keep the (LoRA) dropout on")
-    posthoc.add_argument(
+    parser.add_argument("--mc-dropout", action="store_true", help="MC dropout: the N samples keep the (LoRA) dropout on")
+    parser.add_argument(
         "--fit-temperature", type=Path, default=None, metavar="FILE",
-        help="temperature scaling: fit T on this multiple-choice JSONL (held-out training examples), then evaluate "
-             "logits / T (default: no temperature)",
+        help=f"temperature scaling: fit T on this multiple-choice JSONL (held-out training examples) with the "
+             f"evaluation's own draws (T divides each draw's choice logits before they are averaged), save it as the "
+             f"adapter directory's {TEMPERATURE_FILE} (replacing one there), and evaluate with it; the config's "
+             f"calibration.fit_temperature is not refitted here (default: no fit)",
     )  # fmt: skip
+    add_temperature_flag(parser)
     return parser
 
 
@@ -97,25 +107,30 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
         parser.error("post-hoc evaluation scores multiple-choice datasets: set calibration.mode: choices")
     if args.samples is not None and args.samples < 0:
         parser.error("--samples must be >= 0")
+    if args.fit_temperature and args.temperature is not None:
+        parser.error("--fit-temperature fits T and --temperature sets it: give one of them")
+    try:  # checked before any weights load
+        evaluator.fit_temperature_on(args.fit_temperature)
+        evaluator.temperature, saved = (None, None) if args.fit_temperature else applied_temperature(args.temperature, args.adapter)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
 
     torch.manual_seed(cfg.seed or 0)
     device, autocast = inference_device_and_autocast(cfg)
     model, tokenizer = load_adapter_model(cfg, args.adapter).to(device), load_tokenizer(cfg, args.adapter)
     extra = {}
-    if args.fit_temperature:
-        from axolotl_blob.calibration.temperature import TemperatureScaled, choice_log_probs, fit_temperature
-
-        held_out = read_examples(args.fit_temperature)
-        log_probs = choice_log_probs(model, tokenizer, held_out, evaluator.settings.batch_size, autocast)
-        extra["temperature"] = fit_temperature(log_probs, torch.tensor([e["answer"] for e in held_out]))
-        fitted = f"fitted on {len(held_out)} examples of {args.fit_temperature}"
-        print(f"temperature T = {extra['temperature']:.4f}, {fitted}", file=results)
-        model = TemperatureScaled(model, extra["temperature"])
     draws = args.draws or saved_eval_draws(args.adapter)
     if not (args.mc_dropout or missing_posterior_files(args.adapter)):
         extra["eval_draws"] = draws  # a BLoB posterior's scores name how it was sampled
     sampler = DropoutSampler(model) if args.mc_dropout else sampler_for(model, draws=draws)
+    used = sampler.samples_used(evaluator.n_samples)
+    warn_on_other_draws(saved, used, draws_kind(sampler, used))
     reports = evaluator.evaluate(model, tokenizer, sampler, autocast=autocast)
+    fit = evaluator.last_fit
+    if fit is not None:
+        path = write_temperature(args.adapter, fit)
+        print(f"temperature T = {fit.temperature:.4f}, fitted on {fit.examples} examples of {fit.fitted_on} with "
+              f"N = {fit.samples} (NLL there {fit.nll_before:.4f} -> {fit.nll_after:.4f}), saved to {path}", file=results)  # fmt: skip
     print(format_table(reports), file=results)
     summary = {name: {**scalar_metrics(report), **extra} for name, report in reports.items()}
     if args.json:

@@ -1,14 +1,15 @@
 """Answer multiple-choice questions with a calibrated probability, and abstain where it is too low.
 
     python -m axolotl_blob.predict CONFIG --adapter DIR --input questions.jsonl [--samples N]
-        [--abstain-below P] [--output predictions.jsonl] [--draws per_token|whole_weights]
+        [--abstain-below P] [--output predictions.jsonl] [--draws per_token|whole_weights] [--temperature T|none]
 
 One JSON line per question: the chosen answer, its probability, every choice's probability, the predictive entropy
 H(p̄), the mutual information (its epistemic part, H(p̄) − mean_n H(p_n)) and whether it abstained. The
 probabilities are the calibration evaluator's (the same prompts, label tokens and posterior averaging). Posterior
 sources: a BLoB or TFB adapter (N draws, as its saved eval_draws or --draws says), an IVON checkpoint (N weight draws from its optimizer state),
-or a plain LoRA adapter (one pass, N = 0). stdout gets the JSON lines only; logs, the progress bar and the closing
-summary go to stderr.
+or a plain LoRA adapter (one pass, N = 0). A temperature saved beside the adapter (temperature.json) divides each
+draw's choice logits unless --temperature says otherwise. stdout gets the JSON lines only; logs, the progress bar
+and the closing summary go to stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch import nn
 
 from axolotl_blob.calibration.metrics import entropy
 from axolotl_blob.calibration.scoring import AutocastFactory, ordered_choice_probabilities
+from axolotl_blob.calibration.temperature import draws_kind
+from axolotl_blob.calibration.temperature_file import add_temperature_flag, applied_temperature, warn_on_other_draws
 from axolotl_blob.cli import HelpFormatter, results_only_stdout
 from axolotl_blob.multiple_choice import LABELS
 from axolotl_blob.sampling import PosteriorSampler
@@ -61,13 +64,15 @@ def predict(
     batch_size: int = 8,
     autocast: AutocastFactory = contextlib.nullcontext,
     progress: bool = False,
+    temperature: float = 1.0,
 ) -> Iterator[Prediction]:
-    """Predictions for multiple-choice `questions` (dicts with question, choices, optional id and answer)."""
+    """Predictions for multiple-choice `questions` (dicts with question, choices, optional id and answer), each
+    draw's choice logits divided by `temperature` before the draws are averaged."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(questions), unit="question", disable=not progress, file=sys.stderr) as bar:
         probs, draw_entropy = ordered_choice_probabilities(
-            model, tokenizer, questions, sampler, n_samples, batch_size, autocast, on_batch=bar.update
+            model, tokenizer, questions, sampler, n_samples, batch_size, autocast, on_batch=bar.update, temperature=temperature
         )
     predictive_entropy = entropy(probs)
     mutual_info = predictive_entropy - draw_entropy if draw_entropy is not None else torch.zeros(len(questions))
@@ -89,10 +94,11 @@ def predict(
         )
 
 
-def _summary(predictions: list[Prediction], n_samples: int) -> str:
+def _summary(predictions: list[Prediction], n_samples: int, temperature: float | None) -> str:
     answered = [p for p in predictions if not p.abstained]
     abstained = len(predictions) - len(answered)
-    line = f"{len(predictions)} questions, N = {n_samples}: {len(answered)} answered, {abstained} abstained"
+    scaled = f", T = {temperature:g}" if temperature is not None else ""
+    line = f"{len(predictions)} questions, N = {n_samples}{scaled}: {len(answered)} answered, {abstained} abstained"
     graded = [p for p in answered if p.correct is not None]
     if graded:
         line += f"; accuracy on the answered {sum(p.correct for p in graded) / len(graded):.4f}"
@@ -127,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draws", choices=("per_token", "whole_weights"), default=None,
                         help="how a BLoB posterior is sampled: per-token draws of its noise path, or one A per layer "
                              "and forward (default: as saved with it, blob_config.json's eval_draws)")  # fmt: skip
+    add_temperature_flag(parser)
     return parser
 
 
@@ -161,6 +168,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
         check_lora_adapter(args.adapter, cfg.base_model)
         tokenizer = load_tokenizer(cfg, args.adapter)
         label_token_ids(tokenizer, max(len(q["choices"]) for q in questions))
+        temperature, saved = applied_temperature(args.temperature, args.adapter)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     has_ivon_state = optimizer_file(args.adapter) is not None  # optimizer.pt, or FSDP2's gathered optimizer.bin
@@ -182,10 +190,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     else:
         sampler = sampler_for(model, draws=args.draws or saved_eval_draws(args.adapter))
     n_samples = sampler.samples_used(n_samples)
+    warn_on_other_draws(saved, n_samples, draws_kind(sampler, n_samples))
     predictions = []
     lines = []
     progress = len(questions) > args.batch_size
-    answers = predict(model, tokenizer, questions, sampler, n_samples, args.abstain_below, args.batch_size, autocast, progress)
+    answers = predict(
+        model, tokenizer, questions, sampler, n_samples, args.abstain_below, args.batch_size, autocast, progress,
+        temperature=1.0 if temperature is None else temperature,
+    )  # fmt: skip
     for prediction in answers:
         predictions.append(prediction)
         if args.output:
@@ -194,7 +206,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
             print(prediction.to_json(), file=results, flush=True)
     if args.output:
         write_text(args.output, "".join(lines))
-    print(_summary(predictions, n_samples), file=sys.stderr)
+    print(_summary(predictions, n_samples, temperature), file=sys.stderr)
     return predictions
 
 

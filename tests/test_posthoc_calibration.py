@@ -1,45 +1,9 @@
-"""Post-hoc baselines of the calibration study: MC dropout draws and temperature scaling."""
+"""Post-hoc baselines of the calibration study: MC dropout draws (temperature scaling: test_temperature.py)."""
 
 import pytest
 import torch
 
-from axolotl_blob.calibration.scoring import ordered_choice_probabilities
-from axolotl_blob.calibration.temperature import TemperatureScaled, choice_log_probs, fit_temperature
-from axolotl_blob.sampling import DeterministicSampler, DropoutSampler
-
-
-def test_fitted_temperature_is_the_nll_minimum_and_recovers_the_generating_one():
-    generator = torch.Generator().manual_seed(0)
-    logits = 4.0 * torch.randn(4000, 3, generator=generator, dtype=torch.float64)
-    answers = torch.multinomial(torch.softmax(logits / 2.5, -1), 1, generator=generator).squeeze(-1)
-    fitted = fit_temperature(logits, answers)
-    grid = torch.linspace(1.0, 5.0, 4001, dtype=torch.float64)
-    nll = torch.stack([torch.nn.functional.cross_entropy(logits / t, answers) for t in grid])
-    assert fitted == pytest.approx(grid[nll.argmin()].item(), abs=2e-3)
-    assert fitted == pytest.approx(2.5, rel=0.05)  # 4000 draws: the generating temperature within 5 %
-    with_missing_letter = torch.cat([logits, torch.full((4000, 1), float("-inf"), dtype=torch.float64)], -1)
-    assert fit_temperature(with_missing_letter, answers) == pytest.approx(fitted, rel=1e-6)
-
-
-def test_temperature_scaled_model_divides_the_logits():
-    class Logits(torch.nn.Module):
-        def forward(self, x):
-            return type("Out", (), {"logits": x.clone()})()
-
-    x = torch.randn(2, 3, 5)
-    torch.testing.assert_close(TemperatureScaled(Logits(), 2.0)(x).logits, x / 2.0)
-
-
-def test_choices_scoring_of_a_temperature_scaled_model_is_the_softmax_of_log_probs_over_t(tiny_model_dir):
-    """Scoring restricts the wrapped model's output layer to the answer position, through the wrapper."""
-    from transformers import AutoTokenizer
-
-    model, tokenizer = lora_with_dropout(tiny_model_dir, 0.0), AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = [{"question": f"Question: {w}", "choices": ["no", "yes", "maybe"][: 2 + i % 2]} for i, w in enumerate("ab cd ef gh".split())]
-    log_probs = choice_log_probs(model, tokenizer, examples, batch_size=3)
-    scaled, _ = ordered_choice_probabilities(TemperatureScaled(model, 2.5), tokenizer, examples, DeterministicSampler(), 0, batch_size=3)
-    torch.testing.assert_close(scaled, torch.softmax(log_probs / 2.5, dim=-1), rtol=1e-5, atol=1e-6)
-    assert (scaled[0::2, 2] == 0).all() and not torch.allclose(scaled, log_probs.exp())
+from axolotl_blob.sampling import DropoutSampler
 
 
 def lora_with_dropout(tiny_model_dir, p: float):

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 from axolotl_blob.blob.layer import EvalDraws
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
 from axolotl_blob.calibration.report import format_table
+from axolotl_blob.calibration.temperature_file import TEMPERATURE_FILE, write_temperature
 from axolotl_blob.sampling import sampler_for
 
 LOG = logging.getLogger(__name__)
@@ -63,8 +64,22 @@ class CalibrationCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         """Runs inside trainer.train(), before Axolotl saves the model: a failure here must not lose the model."""
-        if self.evaluator.settings.at_end and self.last_step != state.global_step:
-            try:
+        try:
+            if self.evaluator.settings.at_end and self.last_step != state.global_step:
                 self.run(state.global_step)
-            except Exception:  # noqa: BLE001  (logged with its traceback; the adapter is saved next)
-                LOG.exception("calibration at the end of training failed; the trained model is still saved")
+            self.save_temperature(state.global_step)
+        except Exception:  # noqa: BLE001  (logged with its traceback; the adapter is saved next)
+            LOG.exception("calibration at the end of training failed; the trained model is still saved")
+
+    def save_temperature(self, final_step: int) -> None:
+        """The T fitted at the final step goes beside the adapter (global rank 0 writes), where evaluate and
+        predict apply it by default; a T of an earlier model would not calibrate this one, so none is written."""
+        fit = self.evaluator.last_fit
+        if fit is None or not self.trainer.is_world_process_zero():
+            return
+        if self.last_step != final_step:
+            LOG.warning(f"calibration.fit_temperature: no {TEMPERATURE_FILE} written: the last T was fitted at step "
+                        f"{self.last_step}, not at the final step {final_step} (set calibration.at_end: true)")  # fmt: skip
+            return
+        path = write_temperature(self.trainer.args.output_dir, fit)
+        LOG.info(f"temperature T = {fit.temperature:.4f} (fitted on {fit.fitted_on}, N = {fit.samples}) saved to {path}")

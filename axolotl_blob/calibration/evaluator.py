@@ -24,8 +24,9 @@ from axolotl_blob.calibration.report import (
     scalar_metrics,
     write_json,
 )
-from axolotl_blob.calibration.scoring import AutocastFactory, score_choices, score_tokens
-from axolotl_blob.multiple_choice import label_token_ids, read_examples
+from axolotl_blob.calibration.scoring import AutocastFactory, choice_scorer, score_choices, score_tokens
+from axolotl_blob.calibration.temperature import FittedTemperature, fit_on_examples
+from axolotl_blob.multiple_choice import AnswerFormat, read_examples
 from axolotl_blob.sampling import PosteriorSampler
 
 if TYPE_CHECKING:
@@ -38,14 +39,29 @@ TOKENS_DATASET = "tokens"
 class CalibrationEvaluator:
     settings: CalibrationSettings
     n_samples: int
+    answer_format: AnswerFormat = "letters"  # the training data's: scored as the model was trained
+    temperature: float | None = None  # divides each draw's choice logits before the average (None: no scaling)
 
     def __post_init__(self):
         self.examples = {d.label: read_examples(d.path) for d in self.settings.datasets}
+        self.last_fit: FittedTemperature | None = None
+        self.fit_temperature_on(self.settings.fit_temperature)
+
+    def fit_temperature_on(self, path: str | Path | None) -> None:
+        """Fit T on the held-out multiple-choice file `path` at every evaluation, with that evaluation's draws, and
+        score with it (None: no fit, `temperature` applies)."""
+        self.held_out_path = None if path is None else str(path)
+        self.held_out = read_examples(path) if path is not None else []
 
     def check_tokenizer(self, tokenizer) -> None:
-        """Every answer label must be one token of this tokenizer (raises ValueError naming the label)."""
-        for examples in self.examples.values():
-            label_token_ids(tokenizer, max(len(e["choices"]) for e in examples))
+        """Every question must be scorable with this tokenizer: each answer label one token (letters), each choice text
+        its own tokens after the prompt (cloze). Raises ValueError naming the dataset and what fails."""
+        held_out = {"calibration.fit_temperature": self.held_out} if self.held_out else {}
+        for name, examples in {**self.examples, **held_out}.items():
+            try:
+                choice_scorer(self.answer_format, tokenizer, examples)
+            except ValueError as exc:
+                raise ValueError(f"calibration dataset {name!r}: {exc}") from None
 
     def evaluate(
         self,
@@ -61,11 +77,24 @@ class CalibrationEvaluator:
         if s.mode == "tokens":
             state = score_tokens(model, eval_batches, sampler, self.n_samples, s.n_bins, autocast)
             return {TOKENS_DATASET: dataset_report(state, used)}
+        temperature = self.temperature
+        if self.held_out:
+            self.last_fit = fit_on_examples(
+                model, tokenizer, self.held_out, self.held_out_path, sampler, self.n_samples, s.batch_size, autocast,
+                answer_format=self.answer_format,
+            )  # fmt: skip
+            temperature = self.last_fit.temperature
         states = {
-            name: score_choices(model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast)
+            name: score_choices(
+                model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast,
+                answer_format=self.answer_format, temperature=1.0 if temperature is None else temperature,
+            )  # fmt: skip
             for name, examples in self.examples.items()
         }
         reports = {name: dataset_report(state, used) for name, state in states.items()}
+        if temperature is not None:
+            for report in reports.values():
+                report["temperature"] = temperature
         in_distribution = _uncertainties([states[d.label] for d in s.datasets if not d.ood])
         for dataset in s.datasets:
             if dataset.ood:

@@ -105,7 +105,10 @@ def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_table(reports: dict[str, dict]) -> str:
     """The calibration metrics per dataset, then selective prediction, then OOD detection (if any dataset is OOD)."""
     rows = [[name, str(r["n"]), *(f"{r[m]:.4f}" for m in TABLE_METRICS)] for name, r in reports.items()]
-    lines = [f"calibration (posterior samples N = {next(iter(reports.values()))['n_samples']})"]
+    first = next(iter(reports.values()))
+    lines = [f"calibration (posterior samples N = {first['n_samples']})"]
+    if "temperature" in first:
+        lines[0] += f", each draw's choice logits / T, T = {first['temperature']:.4f}"
     lines += _aligned(["dataset", "n", *TABLE_METRICS], rows)
     lines.append("selective prediction (ranked by max probability / by mutual information)")
     rows = [[name, *(f"{r[key]:.4f}" for key in SELECTIVE_COLUMNS.values())] for name, r in reports.items()]
