@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from axolotl_blob.calibration.metrics import entropy
-from axolotl_blob.calibration.scoring import AutocastFactory, ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import AutocastFactory, choice_scorer, ordered_choice_probabilities
 from axolotl_blob.calibration.temperature import draws_kind
 from axolotl_blob.calibration.temperature_file import add_temperature_flag, applied_temperature, warn_on_other_draws
 from axolotl_blob.cli import HelpFormatter, results_only_stdout
-from axolotl_blob.multiple_choice import LABELS
+from axolotl_blob.multiple_choice import LABELS, AnswerFormat
 from axolotl_blob.sampling import PosteriorSampler
 
 
@@ -65,15 +65,17 @@ def predict(
     autocast: AutocastFactory = contextlib.nullcontext,
     progress: bool = False,
     temperature: float = 1.0,
+    answer_format: AnswerFormat = "letters",
 ) -> Iterator[Prediction]:
-    """Predictions for multiple-choice `questions` (dicts with question, choices, optional id and answer), each
-    draw's choice logits divided by `temperature` before the draws are averaged."""
+    """Predictions for multiple-choice `questions` (dicts with question, choices, optional id and answer), scored in
+    the run's `answer_format`, each draw's choice logits divided by `temperature` before the draws are averaged."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(questions), unit="question", disable=not progress, file=sys.stderr) as bar:
         probs, draw_entropy = ordered_choice_probabilities(
-            model, tokenizer, questions, sampler, n_samples, batch_size, autocast, on_batch=bar.update, temperature=temperature
-        )
+            model, tokenizer, questions, sampler, n_samples, batch_size, autocast, on_batch=bar.update,
+            answer_format=answer_format, temperature=temperature,
+        )  # fmt: skip
     predictive_entropy = entropy(probs)
     mutual_info = predictive_entropy - draw_entropy if draw_entropy is not None else torch.zeros(len(questions))
     for row, question in enumerate(questions):
@@ -155,8 +157,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     from axolotl_blob.io import write_text
     from axolotl_blob.ivon.checkpoint import OPTIMIZER_FILE, ivon_from_checkpoint, optimizer_file
     from axolotl_blob.ivon.trainer import IvonSampler
-    from axolotl_blob.multiple_choice import label_token_ids, read_examples
-    from axolotl_blob.run_config import inference_device_and_autocast, load_tokenizer, read_config
+    from axolotl_blob.multiple_choice import read_examples
+    from axolotl_blob.run_config import answer_format, inference_device_and_autocast, load_tokenizer, read_config
     from axolotl_blob.sampling import sampler_for
     from axolotl_blob.saved_adapter import check_lora_adapter
 
@@ -167,7 +169,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
         questions = read_examples(args.input, require_answer=False)
         check_lora_adapter(args.adapter, cfg.base_model)
         tokenizer = load_tokenizer(cfg, args.adapter)
-        label_token_ids(tokenizer, max(len(q["choices"]) for q in questions))
+        choice_scorer(answer_format(cfg), tokenizer, questions)  # every question scorable in the run's format
         temperature, saved = applied_temperature(args.temperature, args.adapter)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
@@ -196,7 +198,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     progress = len(questions) > args.batch_size
     answers = predict(
         model, tokenizer, questions, sampler, n_samples, args.abstain_below, args.batch_size, autocast, progress,
-        temperature=1.0 if temperature is None else temperature,
+        temperature=1.0 if temperature is None else temperature, answer_format=answer_format(cfg),
     )  # fmt: skip
     for prediction in answers:
         predictions.append(prediction)
