@@ -40,7 +40,7 @@ WORK = ROOT / "outputs" / "paper_protocol"
 LORA_CONFIG = ROOT / "example_configs" / "lora-reference-recipe.yml"
 BLOB_CONFIG = ROOT / "example_configs" / "blob-reference-recipe.yml"
 SHIFTS = {"openbookqa": ("arc_easy", "arc_challenge", "mmlu_chemistry", "mmlu_physics")}  # the paper's; MMLU farthest
-FORMAT_OVERRIDES = {"letters": {}, "cloze": {"multiple_choice": {"answer_format": "cloze"}}}  # on the recipes' choices likelihood
+DATASET_TYPES = {"letters": "axolotl_blob.multiple_choice", "cloze": "axolotl_blob.cloze"}  # the training data's `type:`
 HELD_OUT_FRACTION = 0.2
 N_BINS = 15  # the recipes' calibration.n_bins, for the ensemble's metrics too
 LOSS_ENTRY = re.compile(r"\{'loss': [^{}]*\}")  # a Trainer log line of train.log
@@ -150,19 +150,18 @@ def count_lines(path: Path) -> int:
 
 
 def protocol_overrides(training: Training, p: Protocol) -> dict:
-    """What this study changes in the recipe (recorded in every row): the training's own keys, the answer format, the
-    length. num_epochs is raised until max_steps binds, so Axolotl's 6 % warm-up is 6 % of the real step count."""
+    """What this study changes in the recipe besides the data (recorded in every row): the training's own keys and
+    the length. num_epochs is raised until max_steps binds, so Axolotl's 6 % warm-up is 6 % of the real step count."""
     recipe = yaml.safe_load(training.config.read_text())
     per_epoch = math.ceil(count_lines(held_out_split(p)[0]) / (recipe["micro_batch_size"] * recipe["gradient_accumulation_steps"]))
-    overrides = deep_merge(training.overrides, FORMAT_OVERRIDES[p.answer_format])
-    return deep_merge(overrides, {"max_steps": p.steps, "num_epochs": math.ceil(p.steps / per_epoch), **p.extra})
+    return deep_merge(training.overrides, {"max_steps": p.steps, "num_epochs": math.ceil(p.steps / per_epoch), **p.extra})
 
 
 def training_config(name: str, seed: int, p: Protocol) -> dict:
     training = TRAININGS[name]
     config = deep_merge(yaml.safe_load(training.config.read_text()), protocol_overrides(training, p))
     directory = p.runs / f"{name}-seed{seed}"
-    config["datasets"] = [{**config["datasets"][0], "path": str(held_out_split(p)[0])}]
+    config["datasets"] = [{**config["datasets"][0], "path": str(held_out_split(p)[0]), "type": DATASET_TYPES[p.answer_format]}]
     config["calibration"] = {**config["calibration"], "datasets": eval_sets(p), "at_end": False}  # scored by evaluate
     return deep_merge(config, {"seed": seed, "output_dir": str(directory / "out"), "dataset_prepared_path": str(p.runs / "prepared")})
 
@@ -199,6 +198,18 @@ def tfb_adapter(directory: Path, p: Protocol) -> tuple[Path, float]:
     return out, run(command, directory / "tfb.log")
 
 
+def linked_adapter(directory: Path, arm_name: str) -> Path:
+    """The training's adapter as a directory of links of the arm's own, for an arm that writes beside its adapter
+    (`evaluate --fit-temperature` saves temperature.json there, which `evaluate` and `predict` then apply by
+    default): the training's own out/ stays as trained for the arms that share it."""
+    linked = directory / f"out-{arm_name}"
+    linked.mkdir(exist_ok=True)
+    for path in (directory / "out").iterdir():
+        if path.is_file() and path.name != "temperature.json" and not (linked / path.name).exists():
+            (linked / path.name).symlink_to(path)
+    return linked
+
+
 def dataset_rows(summary: dict[str, dict], p: Protocol) -> dict[str, dict]:
     """{name: {"shift": …, metrics}} from `evaluate --json` (numbers only: the temperature goes on the row)."""
     return {
@@ -215,6 +226,7 @@ def evaluate(arm_name: str, directory: Path, p: Protocol) -> tuple[dict, dict, f
         extra["sigma_q"] = json.loads((adapter / "tfb.json").read_text())["sigma_q"]
     flags = [*arm.flags, "--samples", str(p.samples if arm.sampled else 0)]
     if arm.temperature:
+        adapter = linked_adapter(directory, arm_name)
         flags += ["--fit-temperature", str(held_out_split(p)[1])]
     out = directory / f"eval-{arm_name}.json"
     command = [sys.executable, "-m", "axolotl_blob.evaluate", str(directory / "config.yml"), "--adapter", str(adapter)]
@@ -466,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shift", nargs="+", default=None, metavar="SET",
                         help="shift sets assets/<SET>_test.jsonl, the farthest last (default for openbookqa: "
                              f"{' '.join(SHIFTS['openbookqa'])})")  # fmt: skip
-    parser.add_argument("--answer-format", choices=tuple(FORMAT_OVERRIDES), default="cloze")
+    parser.add_argument("--answer-format", choices=tuple(DATASET_TYPES), default="cloze", help="the training data's format")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 2 3 (smoke: 1)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--eval-size", type=int, default=500, help="questions per test / shift set at most (seeded subset)")

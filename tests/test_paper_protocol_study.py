@@ -58,14 +58,14 @@ def test_each_training_is_its_recipe_with_the_protocol_on_top(assets, tmp_path):
     rank_signs = study.training_config("blob_rank_signs", 2, p)
     recipe = yaml.safe_load(study.BLOB_CONFIG.read_text())
     assert rank_signs["blob"] == {**recipe["blob"], "noise": "rank_signs"} and rank_signs["adapter"] == "blob"
-    assert rank_signs["multiple_choice"] == {"likelihood": "choices", "answer_format": "cloze"}
+    assert rank_signs["multiple_choice"] == recipe["multiple_choice"] == {"likelihood": "choices"}
     # 40 training questions, batch 4: 10 steps an epoch; 3 epochs so that max_steps 25 binds (warm-up: 6 % of 25)
     assert (rank_signs["max_steps"], rank_signs["num_epochs"], rank_signs["warmup_ratio"]) == (25, 3, 0.06)
-    assert rank_signs["datasets"] == [{**recipe["datasets"][0], "path": str(study.held_out_split(p)[0])}]
+    assert rank_signs["datasets"] == [{"path": str(study.held_out_split(p)[0]), "type": "axolotl_blob.cloze"}]
     assert rank_signs["calibration"]["datasets"] == study.eval_sets(p) and rank_signs["calibration"]["at_end"] is False
     assert rank_signs["seed"] == 2 and rank_signs["output_dir"] == str(p.runs / "blob_rank_signs-seed2" / "out")
     dropout = study.training_config("lora_dropout", 1, protocol(assets, tmp_path, answer_format="letters"))
-    assert dropout["adapter"] == "lora" and dropout["lora_dropout"] == 0.1 and dropout["multiple_choice"] == {"likelihood": "choices"}
+    assert dropout["adapter"] == "lora" and dropout["lora_dropout"] == 0.1 and dropout["datasets"][0]["type"] == "axolotl_blob.multiple_choice"
     assert study.Protocol(steps=1).member_seeds(2) == [2, 5, 8]  # seeds 1-3: disjoint member sets
 
 
@@ -157,15 +157,12 @@ def test_a_results_file_holds_one_protocol(tmp_path):
 
 @pytest.mark.slow
 def test_a_smoke_study_runs_every_kind_of_arm_once_and_resumes(assets, tiny_model_dir, tmp_path):
-    from axolotl_blob.args import MultipleChoiceSettings
-
-    answer_format = "cloze" if "answer_format" in MultipleChoiceSettings.model_fields else "letters"
     arms = ["lora", "lora_temperature", "lora_ensemble", "tfb_reference", "blob_reference_temperature"]
     argv = ["study", "--smoke", "--task", "colors", "--shift", "far", "--assets", str(assets), "--base-model",
-            str(tiny_model_dir), "--work", str(tmp_path / "work"), "--answer-format", answer_format, "--arms", *arms]  # fmt: skip
+            str(tiny_model_dir), "--work", str(tmp_path / "work"), "--arms", *arms]  # fmt: skip
     study.main(argv)
     p = tmp_path / "work"
-    runs = p / f"colors-{answer_format}-4steps"
+    runs = p / "colors-cloze-4steps"
     rows = study.read_results(p / "study.jsonl")
     assert [row["arm"] for row in rows] == arms and {row["seed"] for row in rows} == {1}
     assert sorted(d.name for d in runs.iterdir() if (d / "trained.json").is_file()) == ["blob-seed1", "lora-seed1", "lora-seed2"]
@@ -175,6 +172,7 @@ def test_a_smoke_study_runs_every_kind_of_arm_once_and_resumes(assets, tiny_mode
         assert row["datasets"]["far"]["shift"] is True and 0 <= row["datasets"]["far"]["ood_auroc_by_mutual_info"] <= 1
     by_arm = {row["arm"]: row for row in rows}
     assert by_arm["lora_temperature"]["temperature"] > 0 and by_arm["blob_reference_temperature"]["temperature"] > 0
+    assert not list(runs.glob("*/out/temperature.json"))  # a fitted T never reaches the arms that share the training
     assert [step for step, _ in by_arm["lora"]["train_loss_curve"]] == [1, 2, 3, 4]
     assert by_arm["lora_ensemble"]["members"] == [1, 2] and by_arm["lora_ensemble"]["datasets"]["far"]["n_samples"] == 2
     held_out = runs.parent / "splits" / "colors" / "held_out.jsonl"
