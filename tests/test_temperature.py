@@ -295,8 +295,10 @@ def test_training_fits_t_at_each_calibration_and_saves_the_last_beside_the_adapt
     held = write_jsonl(tmp_path / "held.jsonl", color_questions(12, seed=1))
     val = write_jsonl(tmp_path / "val.jsonl", color_questions(12, seed=2))
     calibration = {"datasets": [{"path": str(val), "name": "colors"}], "samples": 0, "plots": False, "fit_temperature": str(held)}
-    config = multiple_choice_config(tiny_model_dir, train, tmp_path / "out", adapter="lora", max_steps=6, eval_steps=3,
-                                    save_steps=6, calibration=calibration)  # fmt: skip
+    config = multiple_choice_config(
+        tiny_model_dir, train, tmp_path / "out", adapter="lora", max_steps=6, eval_steps=3, save_steps=6,
+        test_datasets=[{"path": str(val), "type": "axolotl_blob.multiple_choice", "split": "train"}], calibration=calibration,
+    )  # fmt: skip
     config.pop("blob")
     run_axolotl(config, tmp_path)
     out = tmp_path / "out"
