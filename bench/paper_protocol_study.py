@@ -5,6 +5,13 @@ finished (arm, seed).
     python bench/paper_protocol_study.py study --steps S [--task openbookqa] [--seeds 1 2 3] [--arms ARM ...]
     python bench/paper_protocol_study.py render [--results FILE]   # table, figure and the issue's five goals
 
+The study as run (task, format and step count chosen by the pilot on training data only,
+bench/results/paper_protocol_pilot.json; TFB's tolerance keeps the reference's 150 % total NLL change at this
+held-out slice's 113 anchors; ensemble member sets overlap, seeds s, s + 1, s + 2 of LoRA seeds 1–5)::
+
+    python bench/paper_protocol_study.py study --task arc_easy --steps 1000 --eval-size 300 --member-stride 1 \
+        --tfb-tolerance 0.0133 --seeds 1 2 3
+
 Every arm trains from `example_configs/{lora,blob}-reference-recipe.yml` on the same 80 % of the task's training file
 (`assets/<task>_train.jsonl`, split once with seed 0 under outputs/paper_protocol/splits/); the other 20 % is the only
 data for temperature fitting and TFB's anchors. The in-distribution test file and the shift sets (each a fixed
@@ -39,7 +46,10 @@ RESULTS = ROOT / "bench" / "results" / "paper_protocol_study.jsonl"
 WORK = ROOT / "outputs" / "paper_protocol"
 LORA_CONFIG = ROOT / "example_configs" / "lora-reference-recipe.yml"
 BLOB_CONFIG = ROOT / "example_configs" / "blob-reference-recipe.yml"
-SHIFTS = {"openbookqa": ("arc_easy", "arc_challenge", "mmlu_chemistry", "mmlu_physics")}  # the paper's; MMLU farthest
+SHIFTS = {  # the farthest last
+    "openbookqa": ("arc_easy", "arc_challenge", "mmlu_chemistry", "mmlu_physics"),  # the paper's
+    "arc_easy": ("arc_challenge", "openbookqa", "mmlu_chemistry", "mmlu_physics"),  # the study's (the pilot's task)
+}
 DATASET_TYPES = {"letters": "axolotl_blob.multiple_choice", "cloze": "axolotl_blob.cloze"}  # the training data's `type:`
 HELD_OUT_FRACTION = 0.2
 N_BINS = 15  # the recipes' calibration.n_bins, for the ensemble's metrics too
