@@ -3,7 +3,7 @@ distribution shift, against temperature scaling, a LoRA deep ensemble, MC dropou
 finished (arm, seed).
 
     python bench/paper_protocol_study.py study --steps S [--task openbookqa] [--seeds 1 2 3] [--arms ARM ...]
-    python bench/paper_protocol_study.py render [--results FILE]   # table, figure and the issue's five goals
+    python bench/paper_protocol_study.py render [--results FILE]   # tables, figures, the five goals, README's table
 
 The study as run (task, format and step count chosen by the pilot on training data only,
 bench/results/paper_protocol_pilot.json; TFB's tolerance keeps the reference's 150 % total NLL change at this
@@ -383,6 +383,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DATASET_COLUMNS = {  # key: header, per eval set
+    "acc": "acc", "ece": "ECE", "nll": "NLL", "brier": "Brier", "confidence": "confidence",
+    "ood_auroc_by_confidence": "AUROC(max prob)", "ood_auroc_by_mutual_info": "AUROC(MI)",
+}  # fmt: skip
+
+
+def per_dataset_markdown(rows: list[dict]) -> str:
+    """One table per eval set (the in-distribution test first): every metric the issue asks for, mean ± sd over seeds;
+    the AUROCs tell that shift set from the in-distribution test (the latter has none: "—")."""
+    arms = list(summary(rows))
+    names = list(rows[0]["datasets"])
+    sections = []
+    for name in names:
+        shift = rows[0]["datasets"][name]["shift"]
+        lines = [f"**{name}** ({'shift' if shift else 'in-distribution'})", "",
+                 "| arm | " + " | ".join(DATASET_COLUMNS.values()) + " |", "| --- |" + " --- |" * len(DATASET_COLUMNS)]  # fmt: skip
+        for arm in arms:
+            runs = [row["datasets"][name] for row in sorted(rows, key=lambda r: r["seed"]) if row["arm"] == arm]
+            cells = [mean_sd([run[key] for run in runs]) if key in runs[0] else "—" for key in DATASET_COLUMNS]
+            lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
 def figure(rows: list[dict], path: Path) -> None:
     """ECE and NLL per arm, in-distribution beside the shift sets' mean (mean ± sd over seeds)."""
     import matplotlib
@@ -404,6 +428,36 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.invert_yaxis()
     axes[0].set_yticks(range(len(table)), list(table), fontsize=8)
     axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves_figure(rows: list[dict], path: Path) -> None:
+    """Each training's loss curve (mean over its seeds) beside its in-distribution test NLL at the end: the gap between
+    them is the over-training the regime is chosen for. One line per training (arms that share one share its curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    trainings = {}  # training: its first arm in the table's order (the plain one: untempered, not TFB's)
+    for arm in summary(rows):
+        row = next(row for row in rows if row["arm"] == arm)
+        if "train_loss_curve" in row:
+            trainings.setdefault(row["training"], arm)
+    for (training, arm), color in zip(trainings.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        runs = [row for row in rows if row["arm"] == arm]
+        steps = [step for step, _ in runs[0]["train_loss_curve"]]
+        losses = [statistics.mean(run["train_loss_curve"][k][1] for run in runs) for k in range(len(steps))]
+        ax.plot(steps, losses, color=color, label=f"{training}: training loss ({len(runs)} seeds)")
+        test_nll = statistics.mean(run_values(run)["id_nll"] for run in runs)
+        ax.axhline(test_nll, color=color, linestyle="--", label=f"{arm}: test NLL at the end {test_nll:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("K-way NLL")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -465,16 +519,34 @@ def goals(rows: list[dict], recommended: str = "blob_reference") -> list[str]:
     return out
 
 
-def render(results: Path, recommended: str) -> None:
+README_START, README_END = "<!-- paper-protocol-table:start -->", "<!-- paper-protocol-table:end -->"
+
+
+def write_readme_table(readme: Path, table: str) -> None:
+    """Replace the README's rendered block (between the two markers) with `table`, so its numbers are the file's."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no {README_START} … {README_END} block to write the table into")
+    head, rest = text.split(README_START, 1)
+    readme.write_text(f"{head}{README_START}\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
+
+
+def render(results: Path, recommended: str, readme: Path | None = None) -> None:
     rows = read_results(results)
     if not rows:
         raise SystemExit(f"{results}: no finished runs yet")
     lines = goals(rows, recommended)
-    text = markdown(rows) + "\n\nGoals (mean over seeds):\n\n" + "\n".join(lines)
+    table = markdown(rows)
+    text = table + "\n\nGoals (mean over seeds):\n\n" + "\n".join(lines) + "\n\nPer eval set:\n\n" + per_dataset_markdown(rows)
     print(text)
     results.with_suffix(".md").write_text(text + "\n")
+    curves = results.with_name(results.stem + "_curves.png")
     figure(rows, results.with_suffix(".png"))
-    print(f"wrote {results.with_suffix('.md')} and {results.with_suffix('.png')}")
+    curves_figure(rows, curves)
+    print(f"wrote {results.with_suffix('.md')}, {results.with_suffix('.png')} and {curves}")
+    if readme is not None:
+        write_readme_table(readme, table)
+        print(f"wrote the table into {readme}")
 
 
 # --------------------------------------------------------------------------- command line
@@ -501,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=None, help="default: outputs/paper_protocol (smoke: …/smoke)")
     parser.add_argument("--results", type=Path, default=None, help="default: bench/results/paper_protocol_study.jsonl")
     parser.add_argument("--recommended", default="blob_reference", help="render: the arm goals 3 and 5 judge")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="render: the file whose marked block gets the table")
     parser.add_argument("--smoke", action="store_true",
                         help="4 steps in fp32, 8 questions per set, N = 2, a 2-member ensemble, seed 1, results under outputs/")  # fmt: skip
     return parser
@@ -532,7 +605,7 @@ def protocol(args: argparse.Namespace) -> Protocol:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.mode == "render":
-        render(args.results or RESULTS, args.recommended)
+        render(args.results or RESULTS, args.recommended, args.readme)
         return
     run_study(args.arms, args.seeds or ([1] if args.smoke else [1, 2, 3]), protocol(args))
 

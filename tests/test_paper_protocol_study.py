@@ -140,12 +140,31 @@ def test_the_goals_are_judged_on_the_seeds_means():
     assert study.goals(FAKE[:3])[1] == "2. BLoB halves LoRA's ID ECE at equal accuracy: not evaluable: no runs of blob_reference"
 
 
-def test_render_writes_the_table_the_goals_and_the_figure(tmp_path):
-    results = write_jsonl(tmp_path / "study.jsonl", FAKE)
-    study.render(results, "blob_reference")
+def test_each_eval_set_gets_its_own_table_with_every_metric_the_runs_hold():
+    sections = study.per_dataset_markdown(FAKE).split("\n\n")
+    assert sections[0] == "**colors** (in-distribution)" and sections[2] == "**near** (shift)" and sections[4] == "**far** (shift)"
+    header, _, lora, *_ = sections[5].splitlines()
+    assert header == "| arm | acc | ECE | NLL | Brier | confidence | AUROC(max prob) | AUROC(MI) |"
+    sd = statistics.stdev([0.50, 0.52, 0.54])  # far: acc − 0.2, ECE 0.3 + 0.05, NLL 1.6 + 0.1; no Brier in the fakes
+    assert lora == f"| `lora` | 0.320 ± {sd:.3f} | 0.350 ± 0.000 | 1.700 ± 0.000 | — | — | — | 0.500 ± 0.000 |"
+
+
+def test_render_writes_the_tables_the_goals_the_figures_and_the_readme_block(tmp_path):
+    curve = {"training": "lora", "train_loss_curve": [[10, 1.2], [20, 0.4]]}
+    rows = [{**row, **curve} if row["arm"] in ("lora", "tfb_reference") else row for row in FAKE]
+    results = write_jsonl(tmp_path / "study.jsonl", rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{study.README_START}\nold table\n{study.README_END}\nafter\n")
+    study.render(results, "blob_reference", readme)
     text = results.with_suffix(".md").read_text()
-    assert text.startswith(study.markdown(FAKE)) and text.rstrip().endswith(study.goals(FAKE)[-1])
+    assert text.startswith(study.markdown(rows)) and study.goals(rows)[-1] in text
+    assert text.rstrip().endswith(study.per_dataset_markdown(rows))
     assert results.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "study_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert readme.read_text() == f"intro\n{study.README_START}\n{study.markdown(rows)}\n{study.README_END}\nafter\n"
+    readme.write_text("no block\n")
+    with pytest.raises(SystemExit, match="no <!-- paper-protocol-table:start -->"):
+        study.render(results, "blob_reference", readme)
 
 
 def test_a_results_file_holds_one_protocol(tmp_path):
