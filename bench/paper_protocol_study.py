@@ -504,7 +504,9 @@ def goals(rows: list[dict], recommended: str = "blob_reference") -> list[str]:
                + "; ID " + ", ".join(f"{m.upper()} {a:.3f} vs {b:.3f} ({a - b:+.3f}, one sd {sd:.3f})" for m, (a, b, sd) in in_dist.items()))  # fmt: skip
     out.append(f"3. `{recommended}` beats LoRA + temperature scaling under shift: {why}")
 
-    if not (why := need("lora", "tfb_reference")):
+    if not (why := need("lora", "tfb_reference")) and len(table["lora"]["id_ece"]) < 2:
+        why = "not evaluable: LoRA's seed spread needs at least 2 seeds"
+    if not why:
         moves = {m: (_stats(table["tfb_reference"][f"id_{m}"])[0] - _stats(table["lora"][f"id_{m}"])[0], _stats(table["lora"][f"id_{m}"])[1])
                  for m in ("ece", "nll")}  # fmt: skip
         met = any(abs(delta) > sd for delta, sd in moves.values())

@@ -137,6 +137,8 @@ def test_the_goals_are_judged_on_the_seeds_means():
     assert "ID ECE 0.100 vs 0.060 (+0.040, one sd 0.010)" in three  # lower under shift, worse than one sd in-distribution
     assert four == "4. TFB moves ECE or NLL beyond LoRA's seed spread: missed: ID ECE +0.010 vs LoRA's sd 0.020, NLL +0.010 vs LoRA's sd 0.020"
     assert five.endswith("met: AUROC by mutual information on far 0.600 vs > 0.5 (by +0.100)")
+    one_seed = [row for row in FAKE if row["seed"] == 1]  # no spread to beat: not judged
+    assert study.goals(one_seed)[3] == "4. TFB moves ECE or NLL beyond LoRA's seed spread: not evaluable: LoRA's seed spread needs at least 2 seeds"
     assert study.goals(FAKE[:3])[1] == "2. BLoB halves LoRA's ID ECE at equal accuracy: not evaluable: no runs of blob_reference"
 
 
