@@ -392,28 +392,42 @@ DATASET_COLUMNS = {  # key: header, per eval set
 def per_dataset_markdown(rows: list[dict]) -> str:
     """One table per eval set (the in-distribution test first): every metric the issue asks for, mean ± sd over seeds;
     the AUROCs tell that shift set from the in-distribution test (the latter has none: "—")."""
-    arms = list(summary(rows))
-    names = list(rows[0]["datasets"])
+    arms, rows = list(summary(rows)), sorted(rows, key=lambda r: r["seed"])
     sections = []
-    for name in names:
+    for name in rows[0]["datasets"]:
         shift = rows[0]["datasets"][name]["shift"]
         lines = [f"**{name}** ({'shift' if shift else 'in-distribution'})", "",
                  "| arm | " + " | ".join(DATASET_COLUMNS.values()) + " |", "| --- |" + " --- |" * len(DATASET_COLUMNS)]  # fmt: skip
         for arm in arms:
-            runs = [row["datasets"][name] for row in sorted(rows, key=lambda r: r["seed"]) if row["arm"] == arm]
+            runs = [row["datasets"][name] for row in rows if row["arm"] == arm]
             cells = [mean_sd([run[key] for run in runs]) if key in runs[0] else "—" for key in DATASET_COLUMNS]
             lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
-def figure(rows: list[dict], path: Path) -> None:
-    """ECE and NLL per arm, in-distribution beside the shift sets' mean (mean ± sd over seeds)."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    """ECE and NLL per arm, in-distribution beside the shift sets' mean (mean ± sd over seeds)."""
+    plt = pyplot()
     table = summary(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(table) + 1.8), sharey=True)
     height = 0.38
@@ -428,20 +442,13 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.invert_yaxis()
     axes[0].set_yticks(range(len(table)), list(table), fontsize=8)
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def curves_figure(rows: list[dict], path: Path) -> None:
     """Each training's loss curve (mean over its seeds) beside its in-distribution test NLL at the end: the gap between
     them is the over-training the regime is chosen for. One line per training (arms that share one share its curve)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     trainings = {}  # training: its first arm in the table's order (the plain one: untempered, not TFB's)
     for arm in summary(rows):
@@ -458,10 +465,7 @@ def curves_figure(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("K-way NLL")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -504,7 +508,8 @@ def goals(rows: list[dict], recommended: str = "blob_reference") -> list[str]:
                + "; ID " + ", ".join(f"{m.upper()} {a:.3f} vs {b:.3f} ({a - b:+.3f}, one sd {sd:.3f})" for m, (a, b, sd) in in_dist.items()))  # fmt: skip
     out.append(f"3. `{recommended}` beats LoRA + temperature scaling under shift: {why}")
 
-    if not (why := need("lora", "tfb_reference")) and len(table["lora"]["id_ece"]) < 2:
+    why = need("lora", "tfb_reference")
+    if not why and len(table["lora"]["id_ece"]) < 2:
         why = "not evaluable: LoRA's seed spread needs at least 2 seeds"
     if not why:
         moves = {m: (_stats(table["tfb_reference"][f"id_{m}"])[0] - _stats(table["lora"][f"id_{m}"])[0], _stats(table["lora"][f"id_{m}"])[1])
