@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         start = time.perf_counter()
         print("\n".join(prepare_paper_tasks(args.out, seed=args.seed)))
-        print(f"paper tasks: {args.out}/<task>_train.jsonl, <task>_test.jsonl ({time.perf_counter() - start:.1f}s)")
+        print(f"paper tasks: {args.out}/<task>_train.jsonl (= _train_split + _held_out), <task>_test.jsonl ({time.perf_counter() - start:.1f}s)")
 
 
 if __name__ == "__main__":

