@@ -459,7 +459,7 @@ def curves_figure(rows: list[dict], path: Path) -> None:
         runs = [row for row in rows if row["arm"] == arm]
         steps = [step for step, _ in runs[0]["train_loss_curve"]]
         losses = [statistics.mean(run["train_loss_curve"][k][1] for run in runs) for k in range(len(steps))]
-        ax.plot(steps, losses, color=color, label=f"{training}: training loss ({len(runs)} seed{"s" if len(runs) > 1 else ""})")
+        ax.plot(steps, losses, color=color, label=f"{training}: training loss ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         test_nll = statistics.mean(run_values(run)["id_nll"] for run in runs)
         ax.axhline(test_nll, color=color, linestyle="--", label=f"{arm}: test NLL at the end {test_nll:.3f}")
     ax.set_xlabel("optimizer step")
