@@ -16,7 +16,7 @@ def built_by_assets() -> set[str]:
     from axolotl_blob.assets import OOD_FILE
     from axolotl_blob.paper_tasks import SHIFT_SETS, TASKS
 
-    paper = {f"{task.name}_{part}.jsonl" for task in TASKS for part in ("train", "test")}
+    paper = {f"{task.name}_{part}.jsonl" for task in TASKS for part in ("train", "train_split", "held_out", "test")}
     return {"sarcasm_train.jsonl", "sarcasm_val.jsonl", OOD_FILE, *paper, *(f"{shift.name}_test.jsonl" for shift in SHIFT_SETS)}
 
 
