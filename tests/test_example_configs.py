@@ -25,7 +25,9 @@ def data_files(path: Path) -> list[str]:
     import yaml
 
     config = yaml.safe_load(path.read_text())
-    return [entry["path"] for entry in [*config["datasets"], *(config.get("calibration") or {}).get("datasets", [])]]
+    calibration = config.get("calibration") or {}
+    held_out = [calibration["fit_temperature"]] if calibration.get("fit_temperature") else []
+    return [entry["path"] for entry in [*config["datasets"], *calibration.get("datasets", [])]] + held_out
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])

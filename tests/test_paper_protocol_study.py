@@ -69,6 +69,35 @@ def test_each_training_is_its_recipe_with_the_protocol_on_top(assets, tmp_path):
     assert study.Protocol(steps=1).member_seeds(2) == [2, 5, 8]  # seeds 1-3: disjoint member sets
 
 
+RECOMMENDED_CONFIG = study.ROOT / "example_configs" / "lora-temperature-arc-easy.yml"  # the README's recommendation
+STUDY_AS_RUN = "study --task arc_easy --steps 1000 --eval-size 300 --member-stride 1 --tfb-tolerance 0.0133"
+
+
+def test_the_recommended_config_trains_what_the_study_measured(tmp_path):
+    """The shipped recipe is the study's training of its arm, key for key: only where the data live (the same
+    questions under the assets' names), where it writes, and the calibration block (whole test files) differ."""
+    if not (study.ROOT / "assets" / "arc_easy_train.jsonl").is_file():
+        pytest.skip("assets/arc_easy_train.jsonl not built (python -m axolotl_blob.assets --out assets)")
+    p = study.protocol(study.build_parser().parse_args([*STUDY_AS_RUN.split(), "--work", str(tmp_path)]))
+    measured = study.training_config(study.ARMS["lora_temperature"].training, 1, p)
+    shipped = yaml.safe_load(RECOMMENDED_CONFIG.read_text())
+    where = {"datasets", "calibration", "output_dir", "dataset_prepared_path"}
+    assert {k: v for k, v in shipped.items() if k not in where} == {
+        k: v for k, v in measured.items() if k not in where | {"multiple_choice"}  # cloze's only likelihood: choices
+    }
+    assert measured["multiple_choice"] == {"likelihood": "choices"}
+
+    def text(path: str) -> str:
+        return (study.ROOT / path).read_text()
+
+    train, held_out = study.held_out_split(p)
+    assert shipped["datasets"] == [{"path": shipped["datasets"][0]["path"], "type": measured["datasets"][0]["type"]}]
+    assert text(shipped["datasets"][0]["path"]) == train.read_text()
+    assert text(shipped["calibration"]["fit_temperature"]) == held_out.read_text()
+    names = [(d["name"], d.get("ood", False)) for d in shipped["calibration"]["datasets"]]
+    assert names == [(d["name"], d.get("ood", False)) for d in measured["calibration"]["datasets"]]
+
+
 def test_the_loss_curve_is_read_from_the_trainers_log_lines(tmp_path):
     (tmp_path / "config.yml").write_text(yaml.safe_dump({"logging_steps": 25, "max_steps": 60}))
     entries = [{"loss": f"{loss}", "grad_norm": "1.0", "epoch": "0.5"} for loss in (1.3, 0.9, 0.2)]
