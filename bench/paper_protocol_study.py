@@ -472,7 +472,7 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def goals(rows: list[dict], recommended: str = "blob_reference") -> list[str]:
+def goals(rows: list[dict], bayesian_arm: str = "blob_reference_temperature") -> list[str]:
     """The issue's five goals on the seeds' means, each met or missed and by how much."""
     table = summary(rows)
 
@@ -499,30 +499,31 @@ def goals(rows: list[dict], recommended: str = "blob_reference") -> list[str]:
                f"standard error {se:.3f}")  # fmt: skip
     out.append(f"2. BLoB halves LoRA's ID ECE at equal accuracy: {why}")
 
-    if not (why := need("lora_temperature", recommended)):
-        ours, theirs = table[recommended], table["lora_temperature"]
+    if not (why := need("lora_temperature", bayesian_arm)):
+        ours, theirs = table[bayesian_arm], table["lora_temperature"]
         shift = {m: (_stats(ours[f"shift_{m}"])[0], _stats(theirs[f"shift_{m}"])[0]) for m in ("ece", "nll")}
         in_dist = {m: (_stats(ours[f"id_{m}"])[0], *_stats(theirs[f"id_{m}"])[:2]) for m in ("ece", "nll")}
         met = all(a < b for a, b in shift.values()) and all(a <= b + sd for a, b, sd in in_dist.values())
         why = (f"{verdict(met)}: shift-mean " + ", ".join(f"{m.upper()} {a:.3f} vs {b:.3f} ({a - b:+.3f})" for m, (a, b) in shift.items())
                + "; ID " + ", ".join(f"{m.upper()} {a:.3f} vs {b:.3f} ({a - b:+.3f}, one sd {sd:.3f})" for m, (a, b, sd) in in_dist.items()))  # fmt: skip
-    out.append(f"3. `{recommended}` beats LoRA + temperature scaling under shift: {why}")
+    out.append(f"3. `{bayesian_arm}` beats LoRA + temperature scaling under shift: {why}")
 
     why = need("lora", "tfb_reference")
     if not why and len(table["lora"]["id_ece"]) < 2:
         why = "not evaluable: LoRA's seed spread needs at least 2 seeds"
     if not why:
-        moves = {m: (_stats(table["tfb_reference"][f"id_{m}"])[0] - _stats(table["lora"][f"id_{m}"])[0], _stats(table["lora"][f"id_{m}"])[1])
-                 for m in ("ece", "nll")}  # fmt: skip
+        columns = {"ID ECE": "id_ece", "ID NLL": "id_nll", "shift ECE": "shift_ece", "shift NLL": "shift_nll"}
+        moves = {name: (_stats(table["tfb_reference"][c])[0] - _stats(table["lora"][c])[0], _stats(table["lora"][c])[1])
+                 for name, c in columns.items()}  # fmt: skip
         met = any(abs(delta) > sd for delta, sd in moves.values())
-        why = f"{verdict(met)}: ID " + ", ".join(f"{m.upper()} {delta:+.3f} vs LoRA's sd {sd:.3f}" for m, (delta, sd) in moves.items())
+        why = f"{verdict(met)}: " + ", ".join(f"{name} {delta:+.3f} vs LoRA's sd {sd:.3f}" for name, (delta, sd) in moves.items())
     out.append(f"4. TFB moves ECE or NLL beyond LoRA's seed spread: {why}")
 
-    if not (why := need(recommended)):
-        auroc = _stats(table[recommended]["far_auroc_mi"])[0]
+    if not (why := need(bayesian_arm)):
+        auroc = _stats(table[bayesian_arm]["far_auroc_mi"])[0]
         farthest = rows[0]["farthest"]
         why = f"{verdict(auroc > 0.5)}: AUROC by mutual information on {farthest} {auroc:.3f} vs > 0.5 (by {auroc - 0.5:+.3f})"
-    out.append(f"5. `{recommended}`'s mutual information separates the farthest shift set: {why}")
+    out.append(f"5. `{bayesian_arm}`'s mutual information separates the farthest shift set: {why}")
     return out
 
 
@@ -538,11 +539,11 @@ def write_readme_table(readme: Path, table: str) -> None:
     readme.write_text(f"{head}{README_START}\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
 
 
-def render(results: Path, recommended: str, readme: Path | None = None) -> None:
+def render(results: Path, bayesian_arm: str, readme: Path | None = None) -> None:
     rows = read_results(results)
     if not rows:
         raise SystemExit(f"{results}: no finished runs yet")
-    lines = goals(rows, recommended)
+    lines = goals(rows, bayesian_arm)
     table = markdown(rows)
     text = table + "\n\nGoals (mean over seeds):\n\n" + "\n".join(lines) + "\n\nPer eval set:\n\n" + per_dataset_markdown(rows)
     print(text)
@@ -579,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", default=None, help="instead of the recipes' (smoke tests)")
     parser.add_argument("--work", type=Path, default=None, help="default: outputs/paper_protocol (smoke: …/smoke)")
     parser.add_argument("--results", type=Path, default=None, help="default: bench/results/paper_protocol_study.jsonl")
-    parser.add_argument("--recommended", default="blob_reference", help="render: the arm goals 3 and 5 judge")
+    parser.add_argument("--bayesian-arm", default="blob_reference_temperature", choices=list(ARMS),
+                        help="render: the recommended Bayesian recipe, which goals 3 and 5 judge")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="render: the file whose marked block gets the table")
     parser.add_argument("--smoke", action="store_true",
                         help="4 steps in fp32, 8 questions per set, N = 2, a 2-member ensemble, seed 1, results under outputs/")  # fmt: skip
@@ -612,7 +614,7 @@ def protocol(args: argparse.Namespace) -> Protocol:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.mode == "render":
-        render(args.results or RESULTS, args.recommended, args.readme)
+        render(args.results or RESULTS, args.bayesian_arm, args.readme)
         return
     run_study(args.arms, args.seeds or ([1] if args.smoke else [1, 2, 3]), protocol(args))
 

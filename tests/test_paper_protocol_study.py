@@ -157,18 +157,21 @@ def test_the_table_is_mean_and_sd_over_seeds_in_arm_order():
 
 
 def test_the_goals_are_judged_on_the_seeds_means():
-    one, two, three, four, five = study.goals(FAKE)
+    one, two, three, four, five = study.goals(FAKE, "blob_reference")
     assert one == "1. plain LoRA heavily over-confident: met: LoRA's ID ECE 0.220 vs ≥ 0.15 (by +0.070)"
     se = 0.02 / math.sqrt(3)  # |Δacc| 0.010 within the standard error of the difference, ECE cut 1 − 0.10 / 0.22
     assert two.startswith("2. BLoB halves LoRA's ID ECE at equal accuracy: met: ID ECE 0.220 → 0.100, cut 55% vs ≥ 50 %")
     assert two.endswith(f"|Δ| 0.010 vs one standard error {se:.3f}")
     assert three.startswith("3. `blob_reference` beats LoRA + temperature scaling under shift: missed: shift-mean ECE 0.150 vs 0.200")
     assert "ID ECE 0.100 vs 0.060 (+0.040, one sd 0.010)" in three  # lower under shift, worse than one sd in-distribution
-    assert four == "4. TFB moves ECE or NLL beyond LoRA's seed spread: missed: ID ECE +0.010 vs LoRA's sd 0.020, NLL +0.010 vs LoRA's sd 0.020"
+    assert four == ("4. TFB moves ECE or NLL beyond LoRA's seed spread: missed: ID ECE +0.010 vs LoRA's sd 0.020, ID NLL "
+                    "+0.010 vs LoRA's sd 0.020, shift ECE +0.000 vs LoRA's sd 0.000, shift NLL +0.000 vs LoRA's sd 0.000")
+    assert study.goals(FAKE)[2] == (  # the default arm: BLoB + temperature scaling
+        "3. `blob_reference_temperature` beats LoRA + temperature scaling under shift: not evaluable: no runs of blob_reference_temperature")
     assert five.endswith("met: AUROC by mutual information on far 0.600 vs > 0.5 (by +0.100)")
     one_seed = [row for row in FAKE if row["seed"] == 1]  # no spread to beat: not judged
-    assert study.goals(one_seed)[3] == "4. TFB moves ECE or NLL beyond LoRA's seed spread: not evaluable: LoRA's seed spread needs at least 2 seeds"
-    assert study.goals(FAKE[:3])[1] == "2. BLoB halves LoRA's ID ECE at equal accuracy: not evaluable: no runs of blob_reference"
+    assert study.goals(one_seed, "blob_reference")[3] == "4. TFB moves ECE or NLL beyond LoRA's seed spread: not evaluable: LoRA's seed spread needs at least 2 seeds"
+    assert study.goals(FAKE[:3], "blob_reference")[1] == "2. BLoB halves LoRA's ID ECE at equal accuracy: not evaluable: no runs of blob_reference"
 
 
 def test_each_eval_set_gets_its_own_table_with_every_metric_the_runs_hold():
@@ -188,7 +191,7 @@ def test_render_writes_the_tables_the_goals_the_figures_and_the_readme_block(tmp
     readme.write_text(f"intro\n{study.README_START}\nold table\n{study.README_END}\nafter\n")
     study.render(results, "blob_reference", readme)
     text = results.with_suffix(".md").read_text()
-    assert text.startswith(study.markdown(rows)) and study.goals(rows)[-1] in text
+    assert text.startswith(study.markdown(rows)) and study.goals(rows, "blob_reference")[-1] in text
     assert text.rstrip().endswith(study.per_dataset_markdown(rows))
     assert results.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study_curves.png").read_bytes()[:4] == b"\x89PNG"
