@@ -35,7 +35,6 @@ SEARCH_RESULTS = ROOT / "bench" / "results" / "calibration_search.jsonl"
 WORK = ROOT / "outputs" / "calibration_study"
 LORA_CONFIG = ROOT / "example_configs" / "lora-smollm2-sarcasm.yml"
 BLOB_CONFIG = ROOT / "example_configs" / "blob-smollm2-sarcasm.yml"
-HELD_OUT_FRACTION = 0.2
 METRICS = ("acc", "ece", "nll", "brier", "confidence", "mutual_info")
 
 
@@ -101,7 +100,7 @@ EVAL_KNOBS = {"blob.eval_draws": "--draws"}  # config path → the `evaluate` fl
 
 def splits(train_file: Path) -> tuple[Path, Path]:
     """80 % / 20 % of the training file, shuffled with seed 0 (the same slices for every seed and arm)."""
-    return split_file(train_file, WORK / "splits", HELD_OUT_FRACTION)
+    return split_file(train_file, WORK / "splits")
 
 
 def truncated(path: Path, limit: int | None) -> Path:

@@ -51,7 +51,6 @@ SHIFTS = {  # the farthest last
     "arc_easy": ("arc_challenge", "openbookqa", "mmlu_chemistry", "mmlu_physics"),  # the study's (the pilot's task)
 }
 DATASET_TYPES = {"letters": "axolotl_blob.multiple_choice", "cloze": "axolotl_blob.cloze"}  # the training data's `type:`
-HELD_OUT_FRACTION = 0.2
 N_BINS = 15  # the recipes' calibration.n_bins, for the ensemble's metrics too
 LOSS_ENTRY = re.compile(r"\{'loss': [^{}]*\}")  # a Trainer log line of train.log
 
@@ -128,7 +127,7 @@ class Protocol:
 
 def held_out_split(p: Protocol) -> tuple[Path, Path]:
     """(the 80 % every arm trains on, the 20 % held out), the same for every seed and arm."""
-    return split_file(p.assets / f"{p.task}_train.jsonl", p.work / "splits" / p.task, HELD_OUT_FRACTION)
+    return split_file(p.assets / f"{p.task}_train.jsonl", p.work / "splits" / p.task)
 
 
 def seeded_subset(path: Path, size: int, directory: Path, seed: int = 0) -> Path:
@@ -489,7 +488,10 @@ def goals(rows: list[dict], bayesian_arm: str = "blob_reference_temperature") ->
         why = f"{verdict(ece >= 0.15)}: LoRA's ID ECE {ece:.3f} vs ≥ 0.15 (by {ece - 0.15:+.3f})"
     out.append(f"1. plain LoRA heavily over-confident: {why}")
 
-    if not (why := need("lora", "blob_reference")):
+    why = need("lora", "blob_reference")
+    if not why and min(len(table[arm]["id_acc"]) for arm in ("lora", "blob_reference")) < 2:
+        why = "not evaluable: the accuracies' standard error needs at least 2 seeds of each"
+    if not why:
         (lora_ece, _, _), (blob_ece, _, _) = _stats(table["lora"]["id_ece"]), _stats(table["blob_reference"]["id_ece"])
         (lora_acc, lora_sd, n_l), (blob_acc, blob_sd, n_b) = _stats(table["lora"]["id_acc"]), _stats(table["blob_reference"]["id_acc"])
         cut = 1 - blob_ece / lora_ece

@@ -51,12 +51,12 @@ def run(command: list[str], log: Path) -> float:
     return time.time() - start
 
 
-def split_file(source: Path, directory: Path, held_out_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
-    """(train_split.jsonl, held_out.jsonl) in `directory`: the lines of `source` shuffled with `seed`, the last
-    `held_out_fraction` held out. Written once; every later call (every seed and arm) reads the same two files."""
+def split_file(source: Path, directory: Path) -> tuple[Path, Path]:
+    """(train_split.jsonl, held_out.jsonl) in `directory`: the lines of `source` split as the assets split each task
+    (`held_out_split`'s fraction and seed). Written once; every later call (every seed and arm) reads the same two files."""
     train_split, held_out = directory / "train_split.jsonl", directory / "held_out.jsonl"
     if not held_out.is_file():
-        kept, held = held_out_split([line for line in source.read_text().splitlines() if line.strip()], held_out_fraction, seed)
+        kept, held = held_out_split([line for line in source.read_text().splitlines() if line.strip()])
         directory.mkdir(parents=True, exist_ok=True)
         train_split.write_text("\n".join(kept) + "\n")
         held_out.write_text("\n".join(held) + "\n")

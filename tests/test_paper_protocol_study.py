@@ -170,6 +170,8 @@ def test_the_goals_are_judged_on_the_seeds_means():
         "3. `blob_reference_temperature` beats LoRA + temperature scaling under shift: not evaluable: no runs of blob_reference_temperature")
     assert five.endswith("met: AUROC by mutual information on far 0.600 vs > 0.5 (by +0.100)")
     one_seed = [row for row in FAKE if row["seed"] == 1]  # no spread to beat: not judged
+    assert study.goals(one_seed, "blob_reference")[1] == (
+        "2. BLoB halves LoRA's ID ECE at equal accuracy: not evaluable: the accuracies' standard error needs at least 2 seeds of each")
     assert study.goals(one_seed, "blob_reference")[3] == "4. TFB moves ECE or NLL beyond LoRA's seed spread: not evaluable: LoRA's seed spread needs at least 2 seeds"
     assert study.goals(FAKE[:3], "blob_reference")[1] == "2. BLoB halves LoRA's ID ECE at equal accuracy: not evaluable: no runs of blob_reference"
 
