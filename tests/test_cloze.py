@@ -3,12 +3,13 @@ hand, training equal to scoring, one question at a time equal to batched, the qu
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from axolotl_blob.calibration.scoring import ordered_choice_draw_log_probs, ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.cloze import (
     ClozeLikelihood,
     QuestionCountMixin,
@@ -101,7 +102,7 @@ def test_training_scores_what_evaluation_scores(tiny_model_dir, tokenizer):
     log-probabilities as the scorers (in the question's own choice order)."""
     model = tiny_blob_model(tiny_model_dir).eval()
     with torch.no_grad():
-        scored = ordered_choice_draw_log_probs(model, tokenizer, QUESTIONS, BlobSampler(model), 0, batch_size=2, answer_format="cloze")[0]
+        scored = ChoiceScoring(model, tokenizer, BlobSampler(model), 0, 2, answer_format="cloze").ordered_draw_log_probs(QUESTIONS)[0]
         rows = [question_row(*cloze_token_ids(tokenizer, q["question"], q["choices"]), q["answer"]) for q in QUESTIONS]
         longest = max(len(r["input_ids"]) for r in rows)
         padded = {key: torch.tensor([r[key] + [pad] * (longest - len(r[key])) for r in rows])
@@ -117,23 +118,22 @@ def test_training_scores_what_evaluation_scores(tiny_model_dir, tokenizer):
 
 def test_one_question_at_a_time_equals_batched(tiny_model_dir, tokenizer):
     model = tiny_blob_model(tiny_model_dir)
-    batched, _ = ordered_choice_probabilities(model, tokenizer, QUESTIONS, DeterministicSampler(), 0, batch_size=3, answer_format="cloze")
-    alone = torch.cat([
-        ordered_choice_probabilities(model, tokenizer, [q], DeterministicSampler(), 0, batch_size=1, answer_format="cloze")[0]
-        for q in QUESTIONS
-    ])  # fmt: skip
+    cloze = ChoiceScoring(model, tokenizer, DeterministicSampler(), 0, batch_size=3, answer_format="cloze")
+    batched, _ = cloze.ordered_probabilities(QUESTIONS)
+    alone = torch.cat([replace(cloze, batch_size=1).ordered_probabilities([q])[0] for q in QUESTIONS])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-7)
     assert torch.allclose(batched.sum(-1), torch.ones(3, dtype=torch.float64))
-    letters, _ = ordered_choice_probabilities(model, tokenizer, QUESTIONS, DeterministicSampler(), 0, batch_size=3)
+    letters, _ = replace(cloze, answer_format="letters").ordered_probabilities(QUESTIONS)
     assert not torch.allclose(batched, letters)  # another question put to the model
 
 
 def test_temperature_divides_each_draws_scores_before_the_average(tiny_model_dir, tokenizer):
     model = tiny_blob_model(tiny_model_dir)
     torch.manual_seed(1)
-    draws = ordered_choice_draw_log_probs(model, tokenizer, QUESTIONS, BlobSampler(model), 3, batch_size=3, answer_format="cloze")
+    scoring = ChoiceScoring(model, tokenizer, BlobSampler(model), 3, batch_size=3, answer_format="cloze")
+    draws = scoring.ordered_draw_log_probs(QUESTIONS)
     torch.manual_seed(1)
-    probs, _ = ordered_choice_probabilities(model, tokenizer, QUESTIONS, BlobSampler(model), 3, 3, answer_format="cloze", temperature=2.0)
+    probs, _ = scoring.ordered_probabilities(QUESTIONS, temperature=2.0)
     assert draws.shape == (3, 3, 4)
     torch.testing.assert_close(probs, torch.softmax(draws / 2.0, -1).mean(0))
 

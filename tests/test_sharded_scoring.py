@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
-from axolotl_blob.calibration.scoring import ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.sampling import BlobSampler
 from conftest import free_port, tiny_blob_model
 
@@ -40,7 +40,7 @@ def scores(model, tokenizer) -> torch.Tensor:
     leave a partitioned model's alone)."""
     torch.manual_seed(7)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    return ordered_choice_probabilities(model, tokenizer, EXAMPLES, BlobSampler(model), 2, batch_size=2, autocast=bf16)[0]
+    return ChoiceScoring(model, tokenizer, BlobSampler(model), 2, batch_size=2, autocast=bf16).ordered_probabilities(EXAMPLES)[0]
 
 
 def zero3_worker(rank: int, port: int, model_dir: str, out: str) -> None:
