@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.cloze import (
@@ -21,7 +22,16 @@ from axolotl_blob.cloze import (
 )
 from axolotl_blob.multiple_choice import IGNORE_INDEX
 from axolotl_blob.sampling import BlobSampler, DeterministicSampler
-from conftest import color_questions, multiple_choice_config, run_axolotl, tiny_blob_model, write_jsonl
+from conftest import (
+    TORCHRUN_2,
+    assert_identical_tensors,
+    color_questions,
+    multiple_choice_config,
+    run_axolotl,
+    run_module,
+    tiny_blob_model,
+    write_jsonl,
+)
 from test_config_errors import validate
 
 QUESTIONS = [
@@ -181,6 +191,33 @@ def test_training_learns_the_choices_and_calibration_scores_them(adapter, questi
     assert sum(losses[-4:]) / 4 < 0.7 * losses[0]
     report = json.loads(sorted((tmp_path / "out" / "calibration").glob("step-*.json"))[-1].read_text())
     assert report["datasets"]["train"]["acc"] > 0.6  # the color questions, learnt
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_train_one_adapter_and_score_as_one_process(questions, tiny_model_dir, tmp_path):
+    """Cloze under `torchrun --nproc_per_node 2` (gloo): DDP averages the K-way gradient, so both ranks end with the
+    same adapter; the calibration block's sharded scoring (each rank its questions, all K continuations of one
+    question on one rank) gives the numbers one process gets with `evaluate` on the saved adapter."""
+    val = write_jsonl(tmp_path / "val.jsonl", color_questions(15, seed=3))  # odd: the ranks score 8 and 7 questions
+    config = cloze_config(
+        tiny_model_dir, questions, tmp_path / "out", max_steps=6, save_steps=6, eval_steps=0, learning_rate=0.01,
+        ddp_backend="gloo", plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin"],
+        calibration={"datasets": [{"path": str(val), "name": "colors"}], "samples": 0, "plots": False},
+    )  # fmt: skip
+    run_axolotl(config, tmp_path, launcher=TORCHRUN_2)
+    out = tmp_path / "out"
+    rank0, rank1 = load_file(out / "rank0_adapter.safetensors"), load_file(out / "rank1_adapter.safetensors")
+    assert any("blob_G" in key for key in rank0)
+    assert_identical_tensors(rank1, rank0)
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert history[-1]["epoch"] == pytest.approx(6 / 6)  # 48 questions, 4 per rank and step: one epoch is 6 steps
+    trained = json.loads((out / "calibration" / "step-6.json").read_text())["datasets"]["colors"]
+    summary = tmp_path / "summary.json"
+    run_module("axolotl_blob.evaluate", [str(tmp_path / "config.yml"), "--adapter", str(out), "--json", str(summary)], tmp_path)
+    alone = json.loads(summary.read_text())["colors"]
+    assert trained["n"] == alone["n"] == 15
+    for metric in ("acc", "ece", "nll", "brier", "confidence"):
+        assert trained[metric] == pytest.approx(alone[metric], abs=1e-4), metric
 
 
 BAD_INPUTS = [
