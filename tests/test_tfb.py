@@ -164,9 +164,9 @@ def test_the_sigma_q_search_of_each_rule_on_a_fake_nll(metric, monkeypatch):
 
     def anchor_probabilities(scoring, anchors):
         draws_used.add(scoring.sampler.whole_weights)
-        return MEAN_PROBS if scoring.n_samples == 0 else fake_bma_probs(current["sigma"])
+        return (MEAN_PROBS if scoring.n_samples == 0 else fake_bma_probs(current["sigma"])), None
 
-    monkeypatch.setattr(tfb, "_anchor_probabilities", anchor_probabilities)
+    monkeypatch.setattr(tfb.ChoiceScoring, "ordered_probabilities", anchor_probabilities)
     result = bayesianize_tfb(None, None, [{}] * ANCHORS, metric=metric, draws="per_token")
     sigmas, chosen = TRACES[metric]
     assert [sigma for sigma, _ in result.trace] == pytest.approx(sigmas, rel=1e-3)

@@ -174,10 +174,6 @@ def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric:
     return relative / len(answers) if metric == "nll_reference" else relative
 
 
-def _anchor_probabilities(scoring: ChoiceScoring, anchors: Sequence[dict]) -> torch.Tensor:
-    return scoring.ordered_probabilities(anchors)[0]
-
-
 @dataclass
 class TfbResult:
     """σ_q found, the search's (σ_q, change) trace, and how many layers and zero singular values there were."""
@@ -212,12 +208,12 @@ def bayesianize_tfb(
     defaults = SEARCH_DEFAULTS[metric]
     inverse_singular_values = svd_reparameterize(model)
     scoring = ChoiceScoring(model, tokenizer, blob_sampler(model, draws), n_samples, batch_size, answer_format=answer_format)
-    mean_probs = _anchor_probabilities(replace(scoring, n_samples=0), anchors)
+    mean_probs = replace(scoring, n_samples=0).ordered_probabilities(anchors)[0]
 
     def change(sigma_q: float) -> float:
         set_noise_scale(model, inverse_singular_values, sigma_q)
         torch.manual_seed(seed)  # the same noise for every σ_q: the change grows with σ_q, not with luck
-        bma_probs = _anchor_probabilities(scoring, anchors)
+        bma_probs = scoring.ordered_probabilities(anchors)[0]
         return prediction_change(mean_probs, bma_probs, metric)
 
     search = search_sigma(
