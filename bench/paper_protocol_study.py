@@ -529,6 +529,24 @@ def goals(rows: list[dict], bayesian_arm: str = "blob_reference_temperature") ->
     return out
 
 
+def noise_path(rows: list[dict]) -> str:
+    """The issue's rule for the default `blob.noise`: switch to rank_signs (LoRA's cost) if its row is within seed
+    noise of Flipout's. Fixed before its seeds were in: on every column but the AUROC, the two means differ by no more
+    than the larger of the two arms' seed sds."""
+    table = summary(rows)
+    missing = [arm for arm in ("blob_reference", "blob_rank_signs") if len(table.get(arm, {}).get("id_acc", [])) < 2]
+    if missing:
+        return f"default noise path: not decided: fewer than 2 seeds of {', '.join(missing)}"
+    columns = [c for c in COLUMNS if c != "far_auroc_mi"]
+    gaps = {}
+    for c in columns:
+        (flipout, flipout_sd, _), (signs, signs_sd, _) = _stats(table["blob_reference"][c]), _stats(table["blob_rank_signs"][c])
+        gaps[c] = (signs - flipout, max(flipout_sd, signs_sd))
+    within = all(abs(delta) <= sd for delta, sd in gaps.values())
+    verdict = "rank_signs (within seed noise of flipout on every column)" if within else "flipout (rank_signs differs beyond seed noise)"
+    return f"default noise path: {verdict}: " + ", ".join(f"{COLUMNS[c]} {d:+.3f} vs sd {sd:.3f}" for c, (d, sd) in gaps.items())
+
+
 README_START, README_END = "<!-- paper-protocol-table:start -->", "<!-- paper-protocol-table:end -->"
 
 
@@ -547,7 +565,8 @@ def render(results: Path, bayesian_arm: str, readme: Path | None = None) -> None
         raise SystemExit(f"{results}: no finished runs yet")
     lines = goals(rows, bayesian_arm)
     table = markdown(rows)
-    text = table + "\n\nGoals (mean over seeds):\n\n" + "\n".join(lines) + "\n\nPer eval set:\n\n" + per_dataset_markdown(rows)
+    text = (table + "\n\nGoals (mean over seeds):\n\n" + "\n".join(lines) + "\n\n" + noise_path(rows)
+            + "\n\nPer eval set:\n\n" + per_dataset_markdown(rows))  # fmt: skip
     print(text)
     results.with_suffix(".md").write_text(text + "\n")
     curves = results.with_name(results.stem + "_curves.png")

@@ -176,6 +176,16 @@ def test_the_goals_are_judged_on_the_seeds_means():
     assert study.goals(FAKE[:3], "blob_reference")[1] == "2. BLoB halves LoRA's ID ECE at equal accuracy: not evaluable: no runs of blob_reference"
 
 
+def test_the_default_noise_path_switches_only_within_seed_noise():
+    signs = [fake_row("blob_rank_signs", s, acc, 0.10, 0.95, 0.15, 1.2) for s, acc in ((1, 0.50), (2, 0.51), (3, 0.52))]
+    verdict = study.noise_path(FAKE + signs)  # accuracy 0.510 on both, sd 0.010 vs 0; every other column equal
+    assert verdict.startswith("default noise path: rank_signs (within seed noise of flipout on every column): ID acc +0.000 vs sd 0.010")
+    worse = [fake_row("blob_rank_signs", s, 0.51, 0.10 + 0.01 * s, 0.95, 0.15, 1.2) for s in (1, 2, 3)]  # ID ECE 0.12 ± 0.01
+    verdict = study.noise_path(FAKE + worse)
+    assert verdict.startswith("default noise path: flipout (rank_signs differs beyond seed noise)") and "ID ECE +0.020 vs sd 0.010" in verdict
+    assert study.noise_path(FAKE + signs[:1]) == "default noise path: not decided: fewer than 2 seeds of blob_rank_signs"
+
+
 def test_each_eval_set_gets_its_own_table_with_every_metric_the_runs_hold():
     sections = study.per_dataset_markdown(FAKE).split("\n\n")
     assert sections[0] == "**colors** (in-distribution)" and sections[2] == "**near** (shift)" and sections[4] == "**far** (shift)"
