@@ -15,7 +15,6 @@ and the closing summary go to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,15 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from axolotl_blob.calibration.metrics import entropy
-from axolotl_blob.calibration.scoring import AutocastFactory, choice_scorer, ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring, choice_scorer
 from axolotl_blob.calibration.temperature import draws_kind
 from axolotl_blob.calibration.temperature_file import add_temperature_flag, applied_temperature, warn_on_other_draws
 from axolotl_blob.cli import HelpFormatter, results_only_stdout
-from axolotl_blob.multiple_choice import LABELS, AnswerFormat
-from axolotl_blob.sampling import PosteriorSampler
+from axolotl_blob.multiple_choice import LABELS
 
 
 @dataclass
@@ -55,27 +52,19 @@ class Prediction:
 
 
 def predict(
-    model: nn.Module,
-    tokenizer,
+    scoring: ChoiceScoring,
     questions: Sequence[dict],
-    sampler: PosteriorSampler,
-    n_samples: int,
     abstain_below: float | None = None,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    progress: bool = False,
     temperature: float = 1.0,
-    answer_format: AnswerFormat = "letters",
+    progress: bool = False,
 ) -> Iterator[Prediction]:
-    """Predictions for multiple-choice `questions` (dicts with question, choices, optional id and answer), scored in
-    the run's `answer_format`, each draw's choice logits divided by `temperature` before the draws are averaged."""
+    """Predictions for multiple-choice `questions` (dicts with question, choices, optional id and answer), scored as
+    `scoring` says (its answer format, sampler and draws), each draw's choice logits divided by `temperature` before
+    the draws are averaged."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(questions), unit="question", disable=not progress, file=sys.stderr) as bar:
-        probs, draw_entropy = ordered_choice_probabilities(
-            model, tokenizer, questions, sampler, n_samples, batch_size, autocast, on_batch=bar.update,
-            answer_format=answer_format, temperature=temperature,
-        )  # fmt: skip
+        probs, draw_entropy = scoring.ordered_probabilities(questions, temperature, on_batch=bar.update)
     predictive_entropy = entropy(probs)
     mutual_info = predictive_entropy - draw_entropy if draw_entropy is not None else torch.zeros(len(questions))
     for row, question in enumerate(questions):
@@ -196,10 +185,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, results) -> 
     predictions = []
     lines = []
     progress = len(questions) > args.batch_size
-    answers = predict(
-        model, tokenizer, questions, sampler, n_samples, args.abstain_below, args.batch_size, autocast, progress,
-        temperature=1.0 if temperature is None else temperature, answer_format=answer_format(cfg),
-    )  # fmt: skip
+    scoring = ChoiceScoring(model, tokenizer, sampler, n_samples, args.batch_size, autocast, answer_format(cfg))
+    answers = predict(scoring, questions, args.abstain_below, 1.0 if temperature is None else temperature, progress)
     for prediction in answers:
         predictions.append(prediction)
         if args.output:

@@ -8,7 +8,7 @@ SmolLM2-135M with a BLoB adapter (LoRA r 8 on q_proj, v_proj, B non-zero), the f
 headlines, bf16 autocast on CPU, arms interleaved round by round (medians). Arms:
 
 - `previous`: the scoring as it was, batches in file order and the output layer over every position;
-- `mean_pass`: today's `choice_probabilities` at the posterior mean (N = 0): similar-length batches, the output
+- `mean_pass`: today's `ChoiceScoring.ordered_probabilities` at the posterior mean (N = 0): similar-length batches, the output
   layer at the answer position only; `previous / mean_pass` is the speed-up;
 - `bma_10`: N = 10 posterior draws as scoring makes them (one whole A per layer and forward), against
   10 × `mean_pass`;
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from axolotl_blob.blob.model import bayesianize, blob_layers
-from axolotl_blob.calibration.scoring import choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids, read_examples
 from axolotl_blob.sampling import BlobSampler
 from common import DEFAULT_MODEL, emit, lora_model, trained_looking
@@ -56,10 +56,7 @@ def previous_scoring(model: nn.Module, tokenizer, examples: list[dict], batch_si
 
 
 def scoring(model, tokenizer, examples, n_samples: int, batch_size: int, whole_weights: bool = True) -> torch.Tensor:
-    probs = torch.zeros(len(examples), 2, dtype=torch.float64)
-    for positions, batch_probs, _ in choice_probabilities(model, tokenizer, examples, BlobSampler(model, whole_weights), n_samples, batch_size, AUTOCAST):
-        probs[positions] = batch_probs
-    return probs
+    return ChoiceScoring(model, tokenizer, BlobSampler(model, whole_weights), n_samples, batch_size, AUTOCAST).ordered_probabilities(examples)[0]
 
 
 def trainer_evaluation(model, tokenizer, examples, batch_size: int):

@@ -44,7 +44,7 @@ import transformers
 from torch.nn.attention import SDPBackend
 
 from axolotl_blob.blob.model import bayesianize
-from axolotl_blob.calibration.scoring import ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.io import non_finite_as_null, write_json, write_text
 from axolotl_blob.multiple_choice import ANSWER_CUE, LABELS
 from axolotl_blob.sampling import BlobSampler
@@ -294,7 +294,7 @@ def bma(setup: Setup, guard: Guard, record: dict) -> None:
 
     def scoring(n_samples: int) -> Callable[[], torch.Tensor]:
         sampler, batch_size = BlobSampler(model), setup.scoring_batch
-        return lambda: ordered_choice_probabilities(model, tokenizer, examples, sampler, n_samples, batch_size, setup.autocast)[0]
+        return lambda: ChoiceScoring(model, tokenizer, sampler, n_samples, batch_size, setup.autocast).ordered_probabilities(examples)[0]
 
     def measure() -> dict:
         arms = {"mean_pass": scoring(0), "bma_10": scoring(10)}

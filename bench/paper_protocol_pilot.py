@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from axolotl_blob.calibration.metrics import CalibrationState
-from axolotl_blob.calibration.scoring import ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.multiple_choice import read_examples
 from axolotl_blob.sampling import DeterministicSampler
 
@@ -38,10 +38,8 @@ def zero_shot(questions: int) -> dict:
         answers = torch.tensor([e["answer"] for e in examples])
         for answer_format in ("letters", "cloze"):
             start = time.perf_counter()
-            probs, _ = ordered_choice_probabilities(
-                model, tokenizer, examples, DeterministicSampler(), 0, 16,
-                lambda: torch.autocast("cpu", dtype=torch.bfloat16), answer_format=answer_format,
-            )  # fmt: skip
+            bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+            probs, _ = ChoiceScoring(model, tokenizer, DeterministicSampler(), 0, 16, bf16, answer_format).ordered_probabilities(examples)
             seconds = time.perf_counter() - start
             state = CalibrationState(15)
             state.update(probs, answers)

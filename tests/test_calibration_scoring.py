@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from axolotl_blob.calibration.metrics import CalibrationState
-from axolotl_blob.calibration.scoring import score_choices, score_tokens
+from axolotl_blob.calibration.scoring import ChoiceScoring, score_tokens
 from axolotl_blob.multiple_choice import format_prompt, label_token_ids, prompt_token_ids
 from axolotl_blob.sampling import BlobSampler, DeterministicSampler
 from conftest import tiny_blob_model
@@ -62,7 +62,7 @@ def test_batched_right_padded_scoring_equals_one_example_at_a_time(model_and_tok
     probs, labels = one_at_a_time(model, tokenizer, draws=0)
     expected = CalibrationState(10)
     expected.update(probs, labels)
-    got = score_choices(model, tokenizer, EXAMPLES, BlobSampler(model), n_samples=0, n_bins=10, batch_size=2)
+    got = ChoiceScoring(model, tokenizer, BlobSampler(model), n_samples=0, batch_size=2).calibration_state(EXAMPLES, n_bins=10)
     assert got.compute() == pytest.approx(expected.compute(), abs=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_scoring_averages_the_probabilities_of_the_draws(model_and_tokenizer):
         probs, labels = one_at_a_time(model, tokenizer, draws=3, sampler=sampler)
     expected = CalibrationState(10)
     expected.update(probs, labels)
-    got = score_choices(model, tokenizer, EXAMPLES, sampler, n_samples=3, n_bins=10, batch_size=2).compute()
+    got = ChoiceScoring(model, tokenizer, sampler, n_samples=3, batch_size=2).calibration_state(EXAMPLES, n_bins=10).compute()
     metrics = expected.compute()
     for name in ("acc", "ece", "nll", "brier", "confidence", "entropy"):
         assert got[name] == pytest.approx(metrics[name], abs=1e-5), name
@@ -83,11 +83,11 @@ def test_scoring_averages_the_probabilities_of_the_draws(model_and_tokenizer):
 def test_blob_sampled_scoring_differs_from_the_mean_and_has_epistemic_uncertainty(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     torch.manual_seed(5)
-    sampled = score_choices(model, tokenizer, EXAMPLES, BlobSampler(model), n_samples=3, batch_size=8).compute()
-    mean = score_choices(model, tokenizer, EXAMPLES, BlobSampler(model), n_samples=0, batch_size=8).compute()
+    sampled = ChoiceScoring(model, tokenizer, BlobSampler(model), n_samples=3).calibration_state(EXAMPLES).compute()
+    mean = ChoiceScoring(model, tokenizer, BlobSampler(model), n_samples=0).calibration_state(EXAMPLES).compute()
     assert sampled["nll"] != pytest.approx(mean["nll"], abs=1e-6)  # sampling changed the predictions
     assert sampled["mutual_info"] > 0 and mean["mutual_info"] == 0
-    deterministic = score_choices(model, tokenizer, EXAMPLES, DeterministicSampler(), n_samples=10, batch_size=8)
+    deterministic = ChoiceScoring(model, tokenizer, DeterministicSampler(), n_samples=10).calibration_state(EXAMPLES)
     assert deterministic.compute() == pytest.approx(mean, abs=1e-6)  # eval mode without forcing = the mean
 
 
@@ -150,7 +150,7 @@ def test_linear_weights_cast_once_score_as_autocast_casting_them_at_every_forwar
 
     def scores():
         torch.manual_seed(3)
-        probs = scoring.ordered_choice_probabilities(model, tokenizer, EXAMPLES, BlobSampler(model), 3, 2, bf16)[0]
+        probs = scoring.ChoiceScoring(model, tokenizer, BlobSampler(model), 3, 2, bf16).ordered_probabilities(EXAMPLES)[0]
         tokens = score_tokens(model, [{"input_ids": ids, "labels": ids}], BlobSampler(model), 2, autocast=bf16)
         return probs, tokens.compute()
 

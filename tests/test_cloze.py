@@ -3,12 +3,14 @@ hand, training equal to scoring, one question at a time equal to batched, the qu
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from axolotl_blob.calibration.scoring import ordered_choice_draw_log_probs, ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.cloze import (
     ClozeLikelihood,
     QuestionCountMixin,
@@ -20,7 +22,16 @@ from axolotl_blob.cloze import (
 )
 from axolotl_blob.multiple_choice import IGNORE_INDEX
 from axolotl_blob.sampling import BlobSampler, DeterministicSampler
-from conftest import color_questions, multiple_choice_config, run_axolotl, tiny_blob_model, write_jsonl
+from conftest import (
+    TORCHRUN_2,
+    assert_identical_tensors,
+    color_questions,
+    multiple_choice_config,
+    run_axolotl,
+    run_module,
+    tiny_blob_model,
+    write_jsonl,
+)
 from test_config_errors import validate
 
 QUESTIONS = [
@@ -101,7 +112,7 @@ def test_training_scores_what_evaluation_scores(tiny_model_dir, tokenizer):
     log-probabilities as the scorers (in the question's own choice order)."""
     model = tiny_blob_model(tiny_model_dir).eval()
     with torch.no_grad():
-        scored = ordered_choice_draw_log_probs(model, tokenizer, QUESTIONS, BlobSampler(model), 0, batch_size=2, answer_format="cloze")[0]
+        scored = ChoiceScoring(model, tokenizer, BlobSampler(model), 0, 2, answer_format="cloze").ordered_draw_log_probs(QUESTIONS)[0]
         rows = [question_row(*cloze_token_ids(tokenizer, q["question"], q["choices"]), q["answer"]) for q in QUESTIONS]
         longest = max(len(r["input_ids"]) for r in rows)
         padded = {key: torch.tensor([r[key] + [pad] * (longest - len(r[key])) for r in rows])
@@ -117,23 +128,22 @@ def test_training_scores_what_evaluation_scores(tiny_model_dir, tokenizer):
 
 def test_one_question_at_a_time_equals_batched(tiny_model_dir, tokenizer):
     model = tiny_blob_model(tiny_model_dir)
-    batched, _ = ordered_choice_probabilities(model, tokenizer, QUESTIONS, DeterministicSampler(), 0, batch_size=3, answer_format="cloze")
-    alone = torch.cat([
-        ordered_choice_probabilities(model, tokenizer, [q], DeterministicSampler(), 0, batch_size=1, answer_format="cloze")[0]
-        for q in QUESTIONS
-    ])  # fmt: skip
+    cloze = ChoiceScoring(model, tokenizer, DeterministicSampler(), 0, batch_size=3, answer_format="cloze")
+    batched, _ = cloze.ordered_probabilities(QUESTIONS)
+    alone = torch.cat([replace(cloze, batch_size=1).ordered_probabilities([q])[0] for q in QUESTIONS])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-7)
     assert torch.allclose(batched.sum(-1), torch.ones(3, dtype=torch.float64))
-    letters, _ = ordered_choice_probabilities(model, tokenizer, QUESTIONS, DeterministicSampler(), 0, batch_size=3)
+    letters, _ = replace(cloze, answer_format="letters").ordered_probabilities(QUESTIONS)
     assert not torch.allclose(batched, letters)  # another question put to the model
 
 
 def test_temperature_divides_each_draws_scores_before_the_average(tiny_model_dir, tokenizer):
     model = tiny_blob_model(tiny_model_dir)
     torch.manual_seed(1)
-    draws = ordered_choice_draw_log_probs(model, tokenizer, QUESTIONS, BlobSampler(model), 3, batch_size=3, answer_format="cloze")
+    scoring = ChoiceScoring(model, tokenizer, BlobSampler(model), 3, batch_size=3, answer_format="cloze")
+    draws = scoring.ordered_draw_log_probs(QUESTIONS)
     torch.manual_seed(1)
-    probs, _ = ordered_choice_probabilities(model, tokenizer, QUESTIONS, BlobSampler(model), 3, 3, answer_format="cloze", temperature=2.0)
+    probs, _ = scoring.ordered_probabilities(QUESTIONS, temperature=2.0)
     assert draws.shape == (3, 3, 4)
     torch.testing.assert_close(probs, torch.softmax(draws / 2.0, -1).mean(0))
 
@@ -181,6 +191,33 @@ def test_training_learns_the_choices_and_calibration_scores_them(adapter, questi
     assert sum(losses[-4:]) / 4 < 0.7 * losses[0]
     report = json.loads(sorted((tmp_path / "out" / "calibration").glob("step-*.json"))[-1].read_text())
     assert report["datasets"]["train"]["acc"] > 0.6  # the color questions, learnt
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_train_one_adapter_and_score_as_one_process(questions, tiny_model_dir, tmp_path):
+    """Cloze under `torchrun --nproc_per_node 2` (gloo): DDP averages the K-way gradient, so both ranks end with the
+    same adapter; the calibration block's sharded scoring (each rank its questions, all K continuations of one
+    question on one rank) gives the numbers one process gets with `evaluate` on the saved adapter."""
+    val = write_jsonl(tmp_path / "val.jsonl", color_questions(15, seed=3))  # odd: the ranks score 8 and 7 questions
+    config = cloze_config(
+        tiny_model_dir, questions, tmp_path / "out", max_steps=6, save_steps=6, eval_steps=0, learning_rate=0.01,
+        ddp_backend="gloo", plugins=["axolotl_blob.BlobPlugin", "probe.ProbePlugin"],
+        calibration={"datasets": [{"path": str(val), "name": "colors"}], "samples": 0, "plots": False},
+    )  # fmt: skip
+    run_axolotl(config, tmp_path, launcher=TORCHRUN_2)
+    out = tmp_path / "out"
+    rank0, rank1 = load_file(out / "rank0_adapter.safetensors"), load_file(out / "rank1_adapter.safetensors")
+    assert any("blob_G" in key for key in rank0)
+    assert_identical_tensors(rank1, rank0)
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert history[-1]["epoch"] == pytest.approx(6 / 6)  # 48 questions, 4 per rank and step: one epoch is 6 steps
+    trained = json.loads((out / "calibration" / "step-6.json").read_text())["datasets"]["colors"]
+    summary = tmp_path / "summary.json"
+    run_module("axolotl_blob.evaluate", [str(tmp_path / "config.yml"), "--adapter", str(out), "--json", str(summary)], tmp_path)
+    alone = json.loads(summary.read_text())["colors"]
+    assert trained["n"] == alone["n"] == 15
+    for metric in ("acc", "ece", "nll", "brier", "confidence"):
+        assert trained[metric] == pytest.approx(alone[metric], abs=1e-4), metric
 
 
 BAD_INPUTS = [

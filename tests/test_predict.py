@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from axolotl_blob.calibration.scoring import score_choices
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.multiple_choice import read_examples
 from axolotl_blob.predict import predict
 from axolotl_blob.sampling import BlobSampler
@@ -29,9 +29,9 @@ def test_predict_equals_the_calibration_evaluator(model_and_tokenizer, n_samples
     model, tokenizer = model_and_tokenizer
     graded = QUESTIONS[:-1]
     torch.manual_seed(7)
-    state = score_choices(model, tokenizer, graded, BlobSampler(model), n_samples, batch_size=3)
+    state = ChoiceScoring(model, tokenizer, BlobSampler(model), n_samples, batch_size=3).calibration_state(graded)
     torch.manual_seed(7)
-    predictions = list(predict(model, tokenizer, graded, BlobSampler(model), n_samples, batch_size=3))
+    predictions = list(predict(ChoiceScoring(model, tokenizer, BlobSampler(model), n_samples, batch_size=3), graded))
     assert [p.probability for p in predictions] == pytest.approx(state.record("confidence").tolist(), abs=1e-12)
     assert [p.entropy for p in predictions] == pytest.approx(state.record("entropy").tolist(), abs=1e-12)
     assert [p.mutual_info for p in predictions] == pytest.approx(state.record("mutual_info").clamp(min=0).tolist(), abs=1e-12)
@@ -43,7 +43,7 @@ def test_predict_equals_the_calibration_evaluator(model_and_tokenizer, n_samples
 
 def test_predictions_hold_every_choice_and_abstain_below_the_threshold(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    predictions = list(predict(model, tokenizer, QUESTIONS, BlobSampler(model), 0, abstain_below=0.3))
+    predictions = list(predict(ChoiceScoring(model, tokenizer, BlobSampler(model), 0), QUESTIONS, abstain_below=0.3))
     for prediction, question in zip(predictions, QUESTIONS):
         assert len(prediction.probabilities) == len(question["choices"])
         assert sum(prediction.probabilities) == pytest.approx(1.0)

@@ -92,7 +92,7 @@ def _two_process_worker(rank: int, init_file: str, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     probs, labels, draw_entropy = random_state_inputs()
     state = CalibrationState(10)
-    positions = torch.arange(rank, len(labels), 2)  # the shard score_choices gives this rank, in two updates
+    positions = torch.arange(rank, len(labels), 2)  # the shard ChoiceScoring.calibration_state gives this rank, in two updates
     for chunk in (positions[:5], positions[5:]):
         state.update(probs[chunk], labels[chunk], draw_entropy[chunk], indices=chunk)
     synchronize_state(state)

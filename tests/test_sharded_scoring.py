@@ -6,6 +6,8 @@ LoRA layer's forward (not lora_A's own), and scoring must leave a sharded model'
 - DeepSpeed ZeRO-3 (`deepspeed.initialize`): every parameter is emptied outside its module's forward and gathered in
   that forward's hook.
 - FSDP2 (`fully_shard` per decoder layer and the root): parameters are DTensor shards, unsharded per layer's forward.
+
+Both answer formats: letters (the output layer at one position per question) and cloze (at every choice token).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
-from axolotl_blob.calibration.scoring import ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.sampling import BlobSampler
 from conftest import free_port, tiny_blob_model
 
@@ -35,15 +37,15 @@ ZERO3 = {
 }
 
 
-def scores(model, tokenizer) -> torch.Tensor:
+def scores(model, tokenizer, answer_format: str) -> torch.Tensor:
     """N = 2 whole-weight draws under bf16 autocast (where scoring casts a plain model's fixed weights once, and must
-    leave a partitioned model's alone)."""
+    leave a partitioned model's alone), in `answer_format` (cloze: the output layer at every choice token's position)."""
     torch.manual_seed(7)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    return ordered_choice_probabilities(model, tokenizer, EXAMPLES, BlobSampler(model), 2, batch_size=2, autocast=bf16)[0]
+    return ChoiceScoring(model, tokenizer, BlobSampler(model), 2, 2, bf16, answer_format).ordered_probabilities(EXAMPLES)[0]
 
 
-def zero3_worker(rank: int, port: int, model_dir: str, out: str) -> None:
+def zero3_worker(rank: int, port: int, model_dir: str, out: str, answer_format: str) -> None:
     import os
 
     import deepspeed
@@ -53,13 +55,13 @@ def zero3_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     engine, *_ = deepspeed.initialize(model=tiny_blob_model(Path(model_dir), init_std=0.3), config=ZERO3)
     module = engine.module
     assert any(p.numel() == 0 for p in module.parameters())  # partitioned: outside forward, no parameter is whole
-    result = scores(module, AutoTokenizer.from_pretrained(model_dir))
+    result = scores(module, AutoTokenizer.from_pretrained(model_dir), answer_format)
     if rank == 0:
         Path(out).write_text(json.dumps(result.tolist()))
     dist.destroy_process_group()
 
 
-def fsdp2_worker(rank: int, port: int, model_dir: str, out: str) -> None:
+def fsdp2_worker(rank: int, port: int, model_dir: str, out: str, answer_format: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -71,19 +73,20 @@ def fsdp2_worker(rank: int, port: int, model_dir: str, out: str) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     assert all(isinstance(p, DTensor) for p in model.parameters())
-    result = scores(model, AutoTokenizer.from_pretrained(model_dir))
+    result = scores(model, AutoTokenizer.from_pretrained(model_dir), answer_format)
     if rank == 0:
         Path(out).write_text(json.dumps(result.tolist()))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("answer_format", ["letters", "cloze"])
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_bma_scoring_of_a_sharded_model_equals_one_process(engine, tiny_model_dir, tmp_path):
+def test_bma_scoring_of_a_sharded_model_equals_one_process(engine, answer_format, tiny_model_dir, tmp_path):
     if engine == "zero3":
         pytest.importorskip("deepspeed")
     out = tmp_path / f"{engine}.json"
     worker = zero3_worker if engine == "zero3" else fsdp2_worker
-    mp.spawn(worker, args=(free_port(), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True)
-    expected = scores(tiny_blob_model(tiny_model_dir, init_std=0.3).eval(), AutoTokenizer.from_pretrained(tiny_model_dir))
+    mp.spawn(worker, args=(free_port(), str(tiny_model_dir), str(out), answer_format), nprocs=WORLD, join=True)
+    expected = scores(tiny_blob_model(tiny_model_dir, init_std=0.3).eval(), AutoTokenizer.from_pretrained(tiny_model_dir), answer_format)
     torch.testing.assert_close(torch.tensor(json.loads(out.read_text()), dtype=torch.float64), expected, rtol=0, atol=1e-6)

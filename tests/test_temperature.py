@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import yaml
 
 from axolotl_blob.args import CalibrationSettings
 from axolotl_blob.calibration.evaluator import CalibrationEvaluator
-from axolotl_blob.calibration.scoring import ordered_choice_draw_log_probs, score_choices
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.calibration.temperature import FittedTemperature, fit_temperature
 from axolotl_blob.calibration.temperature_file import (
     TEMPERATURE_FILE,
@@ -105,27 +106,26 @@ def test_ranks_score_their_shards_and_every_rank_gets_all_examples_in_order(monk
 
     examples = [{"question": str(i), "choices": ["x"] * k, "answer": 0} for i, k in enumerate([2, 3, 2, 2, 2])]
 
-    def scored(model, tokenizer, shard, *, sampler, n_samples, batch_size, autocast, answer_format):
-        out = torch.full((n_samples, len(shard), max(len(e["choices"]) for e in shard)), float("-inf"), dtype=torch.float64)
-        for i, example in enumerate(shard):
-            for n in range(n_samples):
-                k = len(example["choices"])
-                out[n, i, :k] = torch.arange(k, dtype=torch.float64).mul(int(example["question"]) + n).log_softmax(-1)
-        return out
+    class TwoDrawScoring:  # stands in for ChoiceScoring: question q's draw n scores choice k as k·(q + n)
+        n_samples = 2
+        sampler = SimpleNamespace(samples_used=lambda n_samples: n_samples)
 
-    class TwoDraws:
-        def samples_used(self, n_samples: int) -> int:
-            return n_samples
+        def ordered_draw_log_probs(self, shard):
+            out = torch.full((2, len(shard), max(len(e["choices"]) for e in shard)), float("-inf"), dtype=torch.float64)
+            for i, example in enumerate(shard):
+                for n in range(2):
+                    k = len(example["choices"])
+                    out[n, i, :k] = torch.arange(k, dtype=torch.float64).mul(int(example["question"]) + n).log_softmax(-1)
+            return out
 
-    monkeypatch.setattr(temperature, "ordered_choice_draw_log_probs", scored)
-    alone = temperature.gathered_draw_log_probs(None, None, examples, TwoDraws(), 2)
+    alone = temperature.gathered_draw_log_probs(TwoDrawScoring(), examples)
     sent = []
     monkeypatch.setattr(temperature, "gather_rows", lambda rows: sent.append(rows) or torch.zeros(5, *rows.shape[1:]))
     for rank in (0, 1):
-        monkeypatch.setattr(temperature, "_rank_and_world", lambda rank=rank: (rank, 2))
-        temperature.gathered_draw_log_probs(None, None, examples, TwoDraws(), 2)
+        monkeypatch.setattr(temperature, "rank_and_world", lambda rank=rank: (rank, 2))
+        temperature.gathered_draw_log_probs(TwoDrawScoring(), examples)
     monkeypatch.setattr(temperature, "gather_rows", lambda rows: torch.cat(sent))
-    gathered = temperature.gathered_draw_log_probs(None, None, examples, TwoDraws(), 2)
+    gathered = temperature.gathered_draw_log_probs(TwoDrawScoring(), examples)
     assert [rows.shape for rows in sent] == [(3, 2, 3), (2, 2, 3)] and alone.shape == (2, 5, 3)
     torch.testing.assert_close(gathered, alone, rtol=0, atol=0)
 
@@ -192,10 +192,10 @@ def test_the_calibration_block_fits_t_on_the_evaluations_own_draws(tiny_model_di
 
     torch.manual_seed(1)
     held_out = read_examples(held)
-    draws = ordered_choice_draw_log_probs(model, tokenizer, held_out, BlobSampler(model), 3, batch_size=5)
+    draws = ChoiceScoring(model, tokenizer, BlobSampler(model), 3, batch_size=5).ordered_draw_log_probs(held_out)
     answers = torch.tensor([e["answer"] for e in held_out])
     t = fit_temperature(draws, answers)
-    scored = score_choices(model, tokenizer, read_examples(val), BlobSampler(model), 3, batch_size=5, temperature=t).compute()
+    scored = ChoiceScoring(model, tokenizer, BlobSampler(model), 3, batch_size=5).calibration_state(read_examples(val), temperature=t).compute()
     assert draws.shape == (3, 12, 4) and not torch.allclose(draws[0], draws[1])
     assert report["temperature"] == t and report["nll"] == pytest.approx(scored["nll"], abs=1e-12)
     fit = evaluator.last_fit
@@ -224,7 +224,7 @@ def lora_adapter(tiny_model_dir, tmp_path):
     (tmp_path / "config.yml").write_text(yaml.safe_dump(cfg))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "adapter")).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    reference = {name: ordered_choice_draw_log_probs(model, tokenizer, read_examples(path), DeterministicSampler(), 0)
+    reference = {name: ChoiceScoring(model, tokenizer, DeterministicSampler(), 0).ordered_draw_log_probs(read_examples(path))
                  for name, path in (("val", val), ("held", held))}  # fmt: skip
     return tmp_path, reference
 

@@ -162,13 +162,13 @@ def test_the_sigma_q_search_of_each_rule_on_a_fake_nll(metric, monkeypatch):
     monkeypatch.setattr(tfb, "svd_reparameterize", lambda model: {})
     monkeypatch.setattr(tfb, "set_noise_scale", lambda model, inverse, sigma_q: current.update(sigma=sigma_q))
 
-    def anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws, answer_format):
-        draws_used.add(draws)
-        return MEAN_PROBS if n_samples == 0 else fake_bma_probs(current["sigma"])
+    def anchor_probabilities(scoring, anchors):
+        draws_used.add(scoring.sampler.whole_weights)
+        return (MEAN_PROBS if scoring.n_samples == 0 else fake_bma_probs(current["sigma"])), None
 
-    monkeypatch.setattr(tfb, "_anchor_probabilities", anchor_probabilities)
+    monkeypatch.setattr(tfb.ChoiceScoring, "ordered_probabilities", anchor_probabilities)
     result = bayesianize_tfb(None, None, [{}] * ANCHORS, metric=metric, draws="per_token")
     sigmas, chosen = TRACES[metric]
     assert [sigma for sigma, _ in result.trace] == pytest.approx(sigmas, rel=1e-3)
     assert result.sigma_q == pytest.approx(chosen, rel=1e-3) and current["sigma"] == result.sigma_q
-    assert draws_used == {"per_token"}
+    assert draws_used == {False}  # per-token draws, as asked

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 
 from axolotl_blob.blob.layer import DEFAULT_EVAL_DRAWS, EvalDraws
 from axolotl_blob.blob.model import blob_layers, module_key, unwrap_model
-from axolotl_blob.calibration.scoring import ordered_choice_probabilities
+from axolotl_blob.calibration.scoring import ChoiceScoring
 from axolotl_blob.multiple_choice import AnswerFormat
 from axolotl_blob.sampling import blob_sampler
 
@@ -174,11 +174,6 @@ def prediction_change(mean_probs: torch.Tensor, bma_probs: torch.Tensor, metric:
     return relative / len(answers) if metric == "nll_reference" else relative
 
 
-def _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws: EvalDraws, answer_format: AnswerFormat) -> torch.Tensor:
-    sampler = blob_sampler(model, draws)
-    return ordered_choice_probabilities(model, tokenizer, anchors, sampler, n_samples, batch_size, answer_format=answer_format)[0]
-
-
 @dataclass
 class TfbResult:
     """σ_q found, the search's (σ_q, change) trace, and how many layers and zero singular values there were."""
@@ -212,12 +207,13 @@ def bayesianize_tfb(
         raise ValueError(f"TFB's search averages posterior samples: n_samples must be >= 1, got {n_samples}")
     defaults = SEARCH_DEFAULTS[metric]
     inverse_singular_values = svd_reparameterize(model)
-    mean_probs = _anchor_probabilities(model, tokenizer, anchors, 0, batch_size, draws, answer_format)
+    scoring = ChoiceScoring(model, tokenizer, blob_sampler(model, draws), n_samples, batch_size, answer_format=answer_format)
+    mean_probs = replace(scoring, n_samples=0).ordered_probabilities(anchors)[0]
 
     def change(sigma_q: float) -> float:
         set_noise_scale(model, inverse_singular_values, sigma_q)
         torch.manual_seed(seed)  # the same noise for every σ_q: the change grows with σ_q, not with luck
-        bma_probs = _anchor_probabilities(model, tokenizer, anchors, n_samples, batch_size, draws, answer_format)
+        bma_probs = scoring.ordered_probabilities(anchors)[0]
         return prediction_change(mean_probs, bma_probs, metric)
 
     search = search_sigma(

@@ -24,7 +24,7 @@ from axolotl_blob.calibration.report import (
     scalar_metrics,
     write_json,
 )
-from axolotl_blob.calibration.scoring import AutocastFactory, choice_scorer, score_choices, score_tokens
+from axolotl_blob.calibration.scoring import AutocastFactory, ChoiceScoring, choice_scorer, score_tokens
 from axolotl_blob.calibration.temperature import FittedTemperature, fit_on_examples
 from axolotl_blob.multiple_choice import AnswerFormat, read_examples
 from axolotl_blob.sampling import PosteriorSampler
@@ -77,18 +77,13 @@ class CalibrationEvaluator:
         if s.mode == "tokens":
             state = score_tokens(model, eval_batches, sampler, self.n_samples, s.n_bins, autocast)
             return {TOKENS_DATASET: dataset_report(state, used)}
+        scoring = ChoiceScoring(model, tokenizer, sampler, self.n_samples, s.batch_size, autocast, self.answer_format)
         temperature = self.temperature
         if self.held_out:
-            self.last_fit = fit_on_examples(
-                model, tokenizer, self.held_out, self.held_out_path, sampler, self.n_samples, s.batch_size, autocast,
-                answer_format=self.answer_format,
-            )  # fmt: skip
+            self.last_fit = fit_on_examples(scoring, self.held_out, self.held_out_path)
             temperature = self.last_fit.temperature
         states = {
-            name: score_choices(
-                model, tokenizer, examples, sampler, self.n_samples, s.n_bins, s.batch_size, autocast,
-                answer_format=self.answer_format, temperature=1.0 if temperature is None else temperature,
-            )  # fmt: skip
+            name: scoring.calibration_state(examples, s.n_bins, 1.0 if temperature is None else temperature)
             for name, examples in self.examples.items()
         }
         reports = {name: dataset_report(state, used) for name, state in states.items()}

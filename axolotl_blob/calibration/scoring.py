@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,8 @@ from axolotl_blob.sampling import PosteriorSampler
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one: how examples are sharded for scoring."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -225,141 +228,95 @@ def choice_scorer(answer_format: AnswerFormat, tokenizer, examples: Sequence[dic
     return (ClozeScorer if answer_format == "cloze" else LetterScorer)(tokenizer, examples)
 
 
-@torch.no_grad()
-def choice_draw_log_probs(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    sampler: PosteriorSampler,
-    n_samples: int,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    *,
-    answer_format: AnswerFormat = "letters",
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Per batch of multiple-choice `examples` (dicts with question and choices): the positions of its examples in
-    `examples` (batches hold prompts of similar length) and each draw's log-softmax over each question's choices,
-    (draws, batch, K) in fp64, −inf beyond a question's own choices. In the cloze format the K sequences of a question
-    go through one forward, so they share its posterior draw."""
-    if not examples:  # a rank with no shard of a tiny dataset
-        return
-    max_choices = max(len(example["choices"]) for example in examples)
-    scorer = choice_scorer(answer_format, tokenizer, examples)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _device(model)
-    with eval_forward(model, autocast) as forward:
-        for positions in length_sorted_batches(scorer.lengths, batch_size):
-            batch = scorer.batch(positions, pad_id)
-            n_choices = torch.tensor([len(examples[i]["choices"]) for i in positions])
-            valid = torch.arange(max_choices)[None, :] < n_choices[:, None]
-            draws = []
-            for _ in sampler.draws(n_samples):
-                with selected_position_logits(model, batch["rows"].to(device), batch["positions"].to(device)):
-                    logits = forward(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-                if logits.shape[1] != 1:  # a model without an output layer to hook: every position came out
-                    logits = logits[batch["rows"].to(logits.device), batch["positions"].to(logits.device)].unsqueeze(1)
-                scores = scorer.scores(logits, batch, max_choices).double().masked_fill(~valid, float("-inf"))
-                draws.append(torch.log_softmax(scores, dim=-1))
-            yield positions, torch.stack(draws)
+@dataclass(frozen=True)
+class ChoiceScoring:
+    """How one evaluation scores multiple-choice questions: the model and tokenizer, the posterior `sampler` and its
+    `n_samples` draws, the batch size, the autocast and the answer format. Built once per evaluation and shared by
+    the calibration block, temperature fitting, TFB's anchors and `predict`, so they all score alike."""
 
+    model: nn.Module
+    tokenizer: Any
+    sampler: PosteriorSampler
+    n_samples: int
+    batch_size: int = 8
+    autocast: AutocastFactory = contextlib.nullcontext
+    answer_format: AnswerFormat = "letters"
 
-def choice_probabilities(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    sampler: PosteriorSampler,
-    n_samples: int,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    *,
-    answer_format: AnswerFormat = "letters",
-    temperature: float = 1.0,
-) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """Per batch of :func:`choice_draw_log_probs`: the positions, the (batch, K) posterior-averaged probabilities
-    (1/N) Σ_n softmax(s_n / T) over the choices (0 beyond an example's own, fp64) — `temperature` divides each draw's
-    scores before the average — and the mean over draws of each draw's entropy H(p_n) (None for a single pass)."""
-    for positions, log_probs in choice_draw_log_probs(
-        model, tokenizer, examples, sampler, n_samples, batch_size, autocast, answer_format=answer_format
-    ):
-        draws = torch.softmax(log_probs / temperature, dim=-1)
-        yield positions, draws.mean(0), entropy(draws).mean(0) if len(draws) > 1 else None
+    @torch.no_grad()
+    def draw_log_probs(self, examples: Sequence[dict]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Per batch of `examples` (dicts with question and choices): the positions of its examples in `examples`
+        (batches hold prompts of similar length) and each draw's log-softmax over each question's choices,
+        (draws, batch, K) in fp64, −inf beyond a question's own choices. In the cloze format the K sequences of a
+        question go through one forward, so they share its posterior draw."""
+        if not examples:  # a rank with no shard of a tiny dataset
+            return
+        model = self.model
+        max_choices = max(len(example["choices"]) for example in examples)
+        scorer = choice_scorer(self.answer_format, self.tokenizer, examples)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        device = _device(model)
+        with eval_forward(model, self.autocast) as forward:
+            for positions in length_sorted_batches(scorer.lengths, self.batch_size):
+                batch = scorer.batch(positions, pad_id)
+                n_choices = torch.tensor([len(examples[i]["choices"]) for i in positions])
+                valid = torch.arange(max_choices)[None, :] < n_choices[:, None]
+                rows, predicting = batch["rows"].to(device), batch["positions"].to(device)
+                draws = []
+                for _ in self.sampler.draws(self.n_samples):
+                    with selected_position_logits(model, rows, predicting):
+                        logits = forward(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+                    if logits.shape[1] != 1:  # a model without an output layer to hook: every position came out
+                        logits = logits[rows.to(logits.device), predicting.to(logits.device)].unsqueeze(1)
+                    scores = scorer.scores(logits, batch, max_choices).double().masked_fill(~valid, float("-inf"))
+                    draws.append(torch.log_softmax(scores, dim=-1))
+                yield positions, torch.stack(draws)
 
+    def probabilities(
+        self, examples: Sequence[dict], temperature: float = 1.0
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+        """Per batch of :meth:`draw_log_probs`: the positions, the (batch, K) posterior-averaged probabilities
+        (1/N) Σ_n softmax(s_n / T) over the choices (0 beyond an example's own, fp64) — `temperature` divides each
+        draw's scores before the average — and the mean over draws of each draw's entropy H(p_n) (None for one pass)."""
+        for positions, log_probs in self.draw_log_probs(examples):
+            draws = torch.softmax(log_probs / temperature, dim=-1)
+            yield positions, draws.mean(0), entropy(draws).mean(0) if len(draws) > 1 else None
 
-def ordered_choice_draw_log_probs(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    sampler: PosteriorSampler,
-    n_samples: int,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    *,
-    answer_format: AnswerFormat = "letters",
-) -> torch.Tensor:
-    """:func:`choice_draw_log_probs` of all `examples` in their order: (draws, n, K) (what a temperature is fitted on)."""
-    out = None
-    for positions, log_probs in choice_draw_log_probs(
-        model, tokenizer, examples, sampler, n_samples, batch_size, autocast, answer_format=answer_format
-    ):
-        if out is None:
-            k = max(len(e["choices"]) for e in examples)
-            out = torch.full((len(log_probs), len(examples), k), float("-inf"), dtype=torch.float64)
-        out[:, positions] = log_probs
-    return out
+    def ordered_draw_log_probs(self, examples: Sequence[dict]) -> torch.Tensor:
+        """:meth:`draw_log_probs` of all `examples` in their order: (draws, n, K) (what a temperature is fitted on)."""
+        out = None
+        for positions, log_probs in self.draw_log_probs(examples):
+            if out is None:
+                k = max(len(e["choices"]) for e in examples)
+                out = torch.full((len(log_probs), len(examples), k), float("-inf"), dtype=torch.float64)
+            out[:, positions] = log_probs
+        return out
 
+    def ordered_probabilities(
+        self, examples: Sequence[dict], temperature: float = 1.0, on_batch: Callable[[int], object] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`probabilities` of all `examples`, in their order: (n, K) probabilities and (n,) mean draw entropies
+        (None for a single pass); `on_batch(count)` after each batch (a progress bar)."""
+        probs = torch.zeros(len(examples), max((len(e["choices"]) for e in examples), default=0), dtype=torch.float64)
+        draw_entropy = None
+        for positions, batch_probs, batch_entropy in self.probabilities(examples, temperature):
+            probs[positions] = batch_probs
+            if batch_entropy is not None:
+                draw_entropy = torch.zeros(len(examples), dtype=torch.float64) if draw_entropy is None else draw_entropy
+                draw_entropy[positions] = batch_entropy
+            if on_batch is not None:
+                on_batch(len(positions))
+        return probs, draw_entropy
 
-def ordered_choice_probabilities(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    sampler: PosteriorSampler,
-    n_samples: int,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    on_batch: Callable[[int], object] | None = None,
-    *,
-    answer_format: AnswerFormat = "letters",
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`choice_probabilities` of all `examples`, in their order: (n, K) probabilities and (n,) mean draw
-    entropies (None for a single pass); `on_batch(count)` after each batch (a progress bar)."""
-    probs = torch.zeros(len(examples), max((len(e["choices"]) for e in examples), default=0), dtype=torch.float64)
-    draw_entropy = None
-    for positions, batch_probs, batch_entropy in choice_probabilities(
-        model, tokenizer, examples, sampler, n_samples, batch_size, autocast, answer_format=answer_format, temperature=temperature
-    ):
-        probs[positions] = batch_probs
-        if batch_entropy is not None:
-            draw_entropy = torch.zeros(len(examples), dtype=torch.float64) if draw_entropy is None else draw_entropy
-            draw_entropy[positions] = batch_entropy
-        if on_batch is not None:
-            on_batch(len(positions))
-    return probs, draw_entropy
-
-
-def score_choices(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    sampler: PosteriorSampler,
-    n_samples: int,
-    n_bins: int = 15,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    *,
-    answer_format: AnswerFormat = "letters",
-    temperature: float = 1.0,
-) -> CalibrationState:
-    """Calibration state of multiple-choice `examples` (dicts with question, choices, answer)."""
-    rank, world = _rank_and_world()
-    state = CalibrationState(n_bins)
-    shard = examples[rank::world]
-    for positions, probs, draw_entropy in choice_probabilities(
-        model, tokenizer, shard, sampler, n_samples, batch_size, autocast, answer_format=answer_format, temperature=temperature
-    ):
-        indices = rank + world * torch.tensor(positions)  # position in `examples`
-        state.update(probs, torch.tensor([shard[i]["answer"] for i in positions]), draw_entropy, indices)
-    return synchronize_state(state)
+    def calibration_state(self, examples: Sequence[dict], n_bins: int = 15, temperature: float = 1.0) -> CalibrationState:
+        """Calibration state of multiple-choice `examples` (dicts with question, choices, answer), each rank scoring
+        its shard; the same global state on every rank."""
+        rank, world = rank_and_world()
+        state = CalibrationState(n_bins)
+        shard = examples[rank::world]
+        for positions, probs, draw_entropy in self.probabilities(shard, temperature):
+            indices = rank + world * torch.tensor(positions)  # position in `examples`
+            state.update(probs, torch.tensor([shard[i]["answer"] for i in positions]), draw_entropy, indices)
+        return synchronize_state(state)
 
 
 @torch.no_grad()

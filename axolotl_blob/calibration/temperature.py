@@ -10,22 +10,13 @@ average is not). The fitted T is saved beside the adapter (:mod:`axolotl_blob.ca
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from axolotl_blob.calibration.scoring import (
-    AutocastFactory,
-    _rank_and_world,
-    gather_rows,
-    ordered_choice_draw_log_probs,
-)
-from axolotl_blob.multiple_choice import AnswerFormat
+from axolotl_blob.calibration.scoring import ChoiceScoring, gather_rows, rank_and_world
 from axolotl_blob.sampling import BlobSampler, DropoutSampler, PosteriorSampler
 
 MASKED = -1e30  # a choice a question lacks: exp(MASKED / T) = 0 for any T it meets, yet finite, so d/dT is 0, not NaN
@@ -89,29 +80,15 @@ def draws_kind(sampler: PosteriorSampler, samples: int) -> str | None:
     return "mc_dropout" if isinstance(sampler, DropoutSampler) else None
 
 
-def gathered_draw_log_probs(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    sampler: PosteriorSampler,
-    n_samples: int,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    *,
-    answer_format: AnswerFormat = "letters",
-) -> torch.Tensor:
+def gathered_draw_log_probs(scoring: ChoiceScoring, examples: Sequence[dict]) -> torch.Tensor:
     """(N, n, K) per-draw choice log-probabilities of `examples` in their order, each rank scoring its shard (as
-    score_choices does) and every rank receiving all of them, so that every rank fits the same T."""
-    rank, world = _rank_and_world()
-    score = functools.partial(
-        ordered_choice_draw_log_probs, model, tokenizer, sampler=sampler, n_samples=n_samples,
-        batch_size=batch_size, autocast=autocast, answer_format=answer_format,
-    )  # fmt: skip
+    :meth:`ChoiceScoring.calibration_state` does) and every rank receiving all of them, so that every rank fits the same T."""
+    rank, world = rank_and_world()
     if world == 1:
-        return score(examples)
-    n_draws, width = max(sampler.samples_used(n_samples), 1), max(len(e["choices"]) for e in examples)
+        return scoring.ordered_draw_log_probs(examples)
+    n_draws, width = max(scoring.sampler.samples_used(scoring.n_samples), 1), max(len(e["choices"]) for e in examples)
     shard = examples[rank::world]
-    own = score(shard) if shard else torch.empty(n_draws, 0, width, dtype=torch.float64)
+    own = scoring.ordered_draw_log_probs(shard) if shard else torch.empty(n_draws, 0, width, dtype=torch.float64)
     padded = torch.full((len(shard), n_draws, width), float("-inf"), dtype=torch.float64)
     padded[..., : own.shape[-1]] = own.transpose(0, 1)
     rows = gather_rows(padded)  # rank 0's shard, then rank 1's, …
@@ -120,31 +97,18 @@ def gathered_draw_log_probs(
     return ordered.transpose(0, 1)
 
 
-def fit_on_examples(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[dict],
-    fitted_on: str,
-    sampler: PosteriorSampler,
-    n_samples: int,
-    batch_size: int = 8,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    *,
-    answer_format: AnswerFormat = "letters",
-) -> FittedTemperature:
+def fit_on_examples(scoring: ChoiceScoring, examples: Sequence[dict], fitted_on: str) -> FittedTemperature:
     """T fitted on held-out `examples` (read from `fitted_on`) with the draws the evaluation will use."""
-    draw_log_probs = gathered_draw_log_probs(
-        model, tokenizer, examples, sampler, n_samples, batch_size, autocast, answer_format=answer_format
-    )
+    draw_log_probs = gathered_draw_log_probs(scoring, examples)
     finite, answers = _checked(draw_log_probs, torch.tensor([e["answer"] for e in examples]))
     temperature = fit_temperature(finite, answers)
-    samples = sampler.samples_used(n_samples)
+    samples = scoring.sampler.samples_used(scoring.n_samples)
     return FittedTemperature(
         temperature=temperature,
         fitted_on=fitted_on,
         examples=len(examples),
         samples=samples,
-        eval_draws=draws_kind(sampler, samples),
+        eval_draws=draws_kind(scoring.sampler, samples),
         nll_before=float(draw_averaged_nll(finite, answers, 1.0)),
         nll_after=float(draw_averaged_nll(finite, answers, temperature)),
     )
