@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def main() -> None:
                   f"a calibrated model: {r['calibrated_ece_mean']:.4f} (95th percentile {r['calibrated_ece_p95']:.4f})")  # fmt: skip
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": "python bench/ece_floor.py " + " ".join(map(str, args.predictions)),
+        args.out.write_text(json.dumps({"command": "python " + " ".join(sys.argv),
                                         "draws": args.draws, "bins": args.bins, "seed": args.seed, "results": results}, indent=1) + "\n")  # fmt: skip
 
 
