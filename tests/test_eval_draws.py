@@ -44,8 +44,11 @@ def test_the_sampler_draws_as_the_setting_says(draws, tiny_model_dir):
     with torch.no_grad():
         for _ in sampler.draws(0):
             mean = layer(x)
-    assert not torch.allclose(out, mean)  # a draw, not the mean
-    same_draw_everywhere = all(torch.equal(out[0, 0], out[0, i]) for i in range(1, 6))
+    draw_effect = (out - mean).abs().max()
+    spread_over_positions = (out - out[:, :1]).abs().max()
+    assert draw_effect > 1e-2  # a draw, not the mean
+    # Not bitwise: a CPU matmul may round rows in different kernel blocks differently (CI saw it).
+    same_draw_everywhere = spread_over_positions < 1e-4 * draw_effect
     assert same_draw_everywhere == (draws == "whole_weights")
 
 
