@@ -66,9 +66,9 @@ class BlobSettings(StrictBlock):
         "(micro_batch_size × gradient_accumulation_steps)); default: optimizer steps per epoch",
     )
     noise: Literal["flipout", "rank_signs"] = Field(
-        "flipout",
-        description="how a layer samples A: flipout (the reference: input and output sign flips per token); "
-        "rank_signs: output signs only, the same per-token N(M, σ²) and uncorrelated tokens, at LoRA's cost",
+        "rank_signs",  # within seed noise of flipout in the paper-protocol study (docs/studies.md), at LoRA's cost
+        description="how a layer samples A: rank_signs: output signs per token, the same per-token N(M, σ²) and "
+        "uncorrelated tokens, at LoRA's cost; flipout (the reference): input and output sign flips per token",
     )
     train_samples: int = Field(1, ge=1, description="posterior samples per training forward (NLL averaged)")
     eval_samples: int = Field(10, ge=0, description="posterior samples averaged at evaluation; 0 = posterior mean")

@@ -200,6 +200,7 @@ def tfb_adapter(directory: Path, p: Protocol) -> tuple[Path, float]:
         return out, 0.0
     config = yaml.safe_load((directory / "config.yml").read_text())
     config["datasets"] = [{**config["datasets"][0], "path": str(held_out_split(p)[1])}]
+    config["blob"] = {"noise": "flipout"}  # the reference's noise path, which the tfb_reference rows searched under
     tfb_config = directory / "tfb-config.yml"
     tfb_config.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [sys.executable, "-m", "axolotl_blob.bayesianize", str(tfb_config), "--adapter", str(directory / "out"),

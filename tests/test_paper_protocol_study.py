@@ -244,6 +244,7 @@ def test_a_smoke_study_runs_every_kind_of_arm_once_and_resumes(assets, tiny_mode
     tfb_config = yaml.safe_load((runs / "lora-seed1" / "tfb-config.yml").read_text())
     assert tfb_config["datasets"][0]["path"] == str(held_out)  # TFB's anchors: the held-out slice, all 10
     assert json.loads((runs / "lora-seed1" / "tfb" / "tfb.json").read_text())["anchors"] == 10
+    assert json.loads((runs / "lora-seed1" / "tfb" / "blob_config.json").read_text())["noise"] == "flipout"  # as the rows ran
     # predict + the ensemble's metrics on one member reproduce `evaluate` of that adapter
     smoke = study.Protocol(steps=4, task="colors", shifts=("far",), eval_size=8, assets=assets, work=p)
     questions = [Path(s["path"]) for s in study.eval_sets(smoke)]  # 8 of each set

@@ -57,7 +57,7 @@ def test_training_logs_kl_and_writes_adapter_and_posterior(trained):
             p.name for p in directory.iterdir()
         }
     assert_identical_tensors(saved_tensors(trained), saved_tensors(trained / "checkpoint-20"))
-    assert json.loads((trained / "blob_config.json").read_text()) == {"prior_std": 0.2, "init_std": 0.05, "sigma": "G**2", "noise": "flipout", "eval_draws": "per_token"}
+    assert json.loads((trained / "blob_config.json").read_text()) == {"prior_std": 0.2, "init_std": 0.05, "sigma": "G**2", "noise": "rank_signs", "eval_draws": "per_token"}
 
 
 def test_the_kl_step_pulls_sigma_from_its_small_init_towards_the_prior(trained):

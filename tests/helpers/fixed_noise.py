@@ -1,4 +1,4 @@
-"""Test-only Axolotl plugin: BLoB's Flipout draw replaced by a fixed one (ε = 1, every sign +1, so ΔA = σ).
+"""Test-only Axolotl plugin: BLoB's noise draws (both paths) replaced by a fixed one (ε = 1, every sign +1, so ΔA = σ).
 
 Two runs that split the same batch differently into micro-batches then see the same noise, and their gradients
 can be compared exactly; G still gets an NLL gradient through σ."""
@@ -15,4 +15,5 @@ def fixed_noise(x, std):
 
 class FixedNoisePlugin(BasePlugin):
     def register(self, cfg):
-        blob_layer.NOISE_PATHS["flipout"] = fixed_noise
+        for path in blob_layer.NOISE_PATHS:
+            blob_layer.NOISE_PATHS[path] = fixed_noise
