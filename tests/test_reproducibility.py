@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import OFFLINE_ENV, assert_identical_tensors, base_config, run_axolotl, run_module
+from conftest import assert_identical_tensors, base_config, run_axolotl, run_module, subprocess_env
 
 STEPS, SAVE = 20, 10
 PROBE = ["axolotl_blob.BlobPlugin", "probe.ProbePlugin"]
@@ -204,7 +204,7 @@ def test_sigkill_after_a_checkpoint_then_auto_resume_matches_the_uninterrupted_r
     out = tmp_path / "out"
     config_path = tmp_path / "config.yml"
     config_path.write_text(yaml.safe_dump(blob_config(tiny_model_dir, completion_data, out, auto_resume_from_checkpoints=True)))
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
+    env = subprocess_env()  # the caller's PYTHONPATH kept: the killed run and its resume import the same plugin
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "axolotl.cli.train", str(config_path)], cwd=tmp_path, env=env, stdout=log, stderr=log
